@@ -1,0 +1,161 @@
+"""Cost of one distillation training step per method, and of the ITRD loss on its own.
+
+One step = frozen teacher forward (eval, no_grad) + student forward + method loss + backward + SGD
+step over the student's and the method's parameters, for resnet32x4 -> resnet8x4 on random
+CIFAR-100-shaped batches. Methods run round-robin, one step each per round, so a change in machine
+load hits them all alike; the figure is the median over rounds.
+
+    .venv/bin/python benchmarks/bench_step.py --warmup 3 --iters 10 --threads 2
+
+Prints each method's median step time and its ratio to the KD step, then the ITRD loss alone
+(forward + backward) at batch 64, 256 and 1024 and its share of the student's training step.
+Not a test: figures depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from itrd.losses import Batch, ITRDLoss, Method, build_method
+from itrd.models import create_model
+
+NUM_CLASSES = 100
+NUM_SAMPLES = 50_000  # CIFAR-100's training set: sizes CRD's memory banks
+METHODS = ("ce", "kd", "itrd", "crd")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work so wall-clock times cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> float:
+    """Seconds one call of `fn` takes."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+class StepRunner:
+    """One method's training step on its own copy of the student and its own optimizer."""
+
+    def __init__(self, name: str, student: nn.Module, teacher: nn.Module, device: torch.device) -> None:
+        self.student = copy.deepcopy(student).to(device).train()
+        self.teacher = teacher
+        targets = torch.randint(0, NUM_CLASSES, (NUM_SAMPLES,))
+        self.method: Method = build_method(
+            name,
+            student_dim=self.student.feature_dim,
+            teacher_dim=teacher.feature_dim,
+            num_classes=NUM_CLASSES,
+            num_samples=NUM_SAMPLES,
+            train_targets=targets,
+        ).to(device)
+        self.method.train()
+        params = [*self.student.parameters(), *self.method.parameters()]
+        self.optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+    def step(self, x: Tensor, y: Tensor, idx: Tensor) -> None:
+        """One full training step on the batch."""
+        teacher_features = teacher_logits = None
+        if self.method.needs_teacher:
+            # no_grad, not inference_mode: inference tensors cannot enter the student's autograd graph.
+            with torch.no_grad():
+                teacher_features, teacher_logits = self.teacher(x)
+        features, logits = self.student(x)
+        batch = Batch(features, logits, y, idx, teacher_features, teacher_logits)
+        loss = self.method(batch).total
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def bench_steps(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Median step seconds per method."""
+    torch.manual_seed(0)
+    teacher = create_model(args.teacher, NUM_CLASSES).to(device).eval()
+    teacher.requires_grad_(False)
+    student = create_model(args.student, NUM_CLASSES)
+    runners = {name: StepRunner(name, student, teacher, device) for name in METHODS}
+    x = torch.randn(args.batch, 3, 32, 32, device=device)
+    y = torch.randint(0, NUM_CLASSES, (args.batch,), device=device)
+    times: dict[str, list[float]] = {name: [] for name in METHODS}
+    for round_ in range(args.warmup + args.iters):
+        idx = torch.randint(0, NUM_SAMPLES, (args.batch,), device=device)
+        for name, runner in runners.items():
+            seconds = timed(functools.partial(runner.step, x, y, idx), device)
+            if round_ >= args.warmup:
+                times[name].append(seconds)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def bench_itrd_loss(
+    batch: int, dim_s: int, dim_t: int, args: argparse.Namespace, device: torch.device
+) -> float:
+    """Median seconds of the ITRD loss forward + backward alone."""
+    loss = ITRDLoss(dim_s, dim_t).to(device)
+    z_s = torch.randn(batch, dim_s, device=device, requires_grad=True)
+    z_t = torch.randn(batch, dim_t, device=device)
+
+    def run() -> None:
+        loss(z_s, z_t).total.backward()
+
+    # The loss is cheap, so more repeats than steps keep its median steady.
+    repeats = 5 * (args.warmup + args.iters)
+    samples = [timed(run, device) for _ in range(repeats)]
+    return statistics.median(samples[5 * args.warmup :])
+
+
+def main() -> None:
+    """Parse arguments, run both benchmarks and print the figures."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    parser.add_argument("--iters", type=int, default=10, help="timed rounds (one step per method each)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--teacher", default="resnet32x4")
+    parser.add_argument("--student", default="resnet8x4")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(
+        f"{args.teacher} -> {args.student}, batch {args.batch}, {device}, {torch.get_num_threads()} threads, "
+        f"{args.iters} timed rounds after {args.warmup} warm-up"
+    )
+
+    steps = bench_steps(args, device)
+    kd = steps["kd"]
+    print("\nfull training step (median)")
+    for name, seconds in steps.items():
+        print(f"  {name:5s} {seconds * 1e3:9.2f} ms   x{seconds / kd:.3f} of kd")
+    overhead = steps["itrd"] / kd - 1
+    print(f"  itrd vs kd: {overhead:+.1%} (target within 3%)")
+
+    teacher = create_model(args.teacher, NUM_CLASSES)
+    student = create_model(args.student, NUM_CLASSES)
+    print(f"\nITRD loss alone, forward + backward, d_s={student.feature_dim}, d_t={teacher.feature_dim}")
+    for batch in (64, 256, 1024):
+        seconds = bench_itrd_loss(batch, student.feature_dim, teacher.feature_dim, args, device)
+        line = f"  batch {batch:5d}: {seconds * 1e3:8.3f} ms"
+        if batch == args.batch:
+            line += f"   {seconds / steps['ce']:.2%} of the student's own step (ce), target < 2%"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

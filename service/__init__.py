@@ -1,0 +1,1 @@
+"""The job service: HTTP API, records and artifact store."""
