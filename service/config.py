@@ -42,6 +42,9 @@ class Settings(BaseSettings):
 
     cpu_queue: str = "cpu"
     cuda_queue: str = "cuda"
+    default_device: DeviceKind = Field(default="cpu", description="where jobs with device 'auto' are queued")
+    reap_seconds: float = Field(default=5.0, gt=0, description="how often expired leases and unsent jobs are swept")
+    broker_timeout_seconds: float = Field(default=3.0, gt=0, description="give up sending to a broker that is down")
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:
@@ -96,6 +99,11 @@ class Settings(BaseSettings):
     def queue_for(self, device: DeviceKind) -> str:
         """Name of the Celery queue that workers of this device kind consume."""
         return self.cuda_queue if device == "cuda" else self.cpu_queue
+
+    def queue_for_device(self, device: str) -> str:
+        """The queue of a spec's `device` field ('cpu', 'cuda', 'cuda:N' or 'auto')."""
+        kind: DeviceKind = "cuda" if device.startswith("cuda") else "cpu" if device == "cpu" else self.default_device
+        return self.queue_for(kind)
 
     def ensure_state_dirs(self) -> None:
         """Create the local folders the embedded mode writes into (idempotent)."""

@@ -144,6 +144,10 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The broker queue (by device kind) and when the broker last accepted this job's message; a queued
+    # job with no dispatched_at is re-sent by the reaper (the broker was down, or a process died).
+    queue: Mapped[str] = mapped_column(String(32), default="cpu")
+    dispatched_at: Mapped[datetime | None]
 
     epoch: Mapped[int] = mapped_column(default=0)
     epochs: Mapped[int | None]

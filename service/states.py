@@ -142,6 +142,7 @@ def transition(
     job.status = to
     if to is S.queued:
         job.queued_at = now
+        job.dispatched_at = None
         job.lease_owner = job.lease_expires_at = None
     elif to is S.cancelling:
         job.cancel_requested = True
@@ -171,7 +172,7 @@ def _settle_dependents(
         if teacher_status is S.succeeded:
             ids = list(
                 session.scalars(
-                    update(Job).where(waiting).values(status=S.queued, queued_at=now).returning(Job.id)
+                    update(Job).where(waiting).values(status=S.queued, queued_at=now, dispatched_at=None).returning(Job.id)
                 )
             )
             _record(session, ids, S.waiting, S.queued, reason, now)
@@ -200,6 +201,7 @@ def create_job(
     teacher_job_id: str | None = None,
     teacher_upload_id: str | None = None,
     max_attempts: int | None = None,
+    queue: str = "cpu",
     now: datetime | None = None,
 ) -> Job:
     """Add a new job: queued, or waiting when its teacher job has not succeeded yet.
@@ -218,6 +220,7 @@ def create_job(
         max_attempts=max_attempts or get_settings().max_attempts,
         teacher_job_id=teacher_job_id,
         teacher_upload_id=teacher_upload_id,
+        queue=queue,
         created_at=now,
         queued_at=now,
     )
@@ -354,7 +357,7 @@ def requeue_expired(session: Session, *, now: datetime | None = None) -> list[st
             update(Job)
             .where(running, Job.attempt < Job.max_attempts)
             .values(status=S.queued, attempt=Job.attempt + 1, lease_owner=None, lease_expires_at=None,
-                    queued_at=now)
+                    queued_at=now, dispatched_at=None)
             .returning(Job.id)
         )
     )

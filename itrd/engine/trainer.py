@@ -165,6 +165,7 @@ class Trainer:
                 self.teacher_fn = torch.compile(self.teacher)  # type: ignore[assignment]
         self.progress = _Progress()
         self.term_names: list[str] | None = None
+        self.started_at_epoch = 1
 
     # ----------------------------------------------------------------------------------------- state
     def _state(self) -> dict[str, Any]:
@@ -281,6 +282,7 @@ class Trainer:
                           "resumed_from": str(resumed_from) if resumed_from else None,
                           "start_epoch": p.epoch + 1})
         epochs = self.spec.optim.epochs
+        self.started_at_epoch = p.epoch + 1
         while p.epoch < epochs:
             self._run_epoch()
         summary = self._finish(time.perf_counter() - started)
@@ -391,6 +393,7 @@ class Trainer:
             "best_top1": p.best_top1 if p.best_top1 >= 0 else None,
             "teacher_top1": p.teacher_top1,
             "epochs": len(p.history),
+            "started_at_epoch": self.started_at_epoch,  # > 1 when this session resumed a run
             "wall_seconds": wall,
             "images_per_second": total_images / total_seconds if total_seconds > 0 else None,
         }

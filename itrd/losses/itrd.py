@@ -27,8 +27,8 @@ def correlation_loss(f_s: Tensor, f_t: Tensor, alpha: float, eps: float = DEFAUL
     c_s = f_s - f_s.mean(0)
     c_t = f_t - f_t.mean(0)
     # Unbiased variance, like torch.std's default; the d x d correlation matrix is never formed.
-    inv_std_s = torch.rsqrt(c_s.pow(2).sum(0) / (n - 1) + eps)
-    inv_std_t = torch.rsqrt(c_t.pow(2).sum(0) / (n - 1) + eps)
+    inv_std_s = torch.rsqrt(c_s.square().sum(0) / (n - 1) + eps)
+    inv_std_t = torch.rsqrt(c_t.square().sum(0) / (n - 1) + eps)
     v = (c_s * c_t).sum(0) * (inv_std_s * inv_std_t) / n
     # |v - 1|^(2 alpha) rather than ((v - 1)^2)^alpha: the same value, and its gradient stays finite
     # (zero) at v == 1 for every alpha >= 0.5.
@@ -41,11 +41,15 @@ def mutual_information_loss(f_s: Tensor, f_t: Tensor) -> Tensor:
     u_s = F.normalize(f_s, dim=1)
     u_t = F.normalize(f_t, dim=1)
     g_s = u_s @ u_s.T
-    g_st = g_s * (u_t @ u_t.T)
+    g_t = u_t @ u_t.T
+    g_s2 = g_s.square()
+    # (G_s o G_t)^2 = G_s^2 o G_t^2: the joint Gram matrix itself is never formed.
+    joint = torch.dot(g_s2.flatten(), g_t.square().flatten())
+    diag_s = torch.diagonal(g_s)
     # Traces count the non-zero rows; the clamp only matters for an all-zero batch (0 / 0 otherwise).
-    trace_s2 = torch.diagonal(g_s).sum().pow(2).clamp_min(TINY)
-    trace_st2 = torch.diagonal(g_st).sum().pow(2).clamp_min(TINY)
-    return g_s.pow(2).sum() / trace_s2 - g_st.pow(2).sum() / trace_st2
+    trace_s2 = diag_s.sum().square().clamp_min(TINY)
+    trace_st2 = torch.dot(diag_s, torch.diagonal(g_t)).square().clamp_min(TINY)
+    return g_s2.sum() / trace_s2 - joint / trace_st2
 
 
 @dataclass

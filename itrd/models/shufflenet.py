@@ -21,9 +21,7 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
 class ShuffleV1Unit(nn.Module):
     """Grouped 1x1, shuffle, 3x3 depthwise, grouped 1x1; strided units concatenate an avg-pooled input."""
 
-    def __init__(
-        self, in_channels: int, out_channels: int, stride: int, groups: int, first_groups: int
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, groups: int, first_groups: int) -> None:
         super().__init__()
         self.downsample = stride == 2
         branch_channels = out_channels - in_channels if self.downsample else out_channels
@@ -48,9 +46,7 @@ class ShuffleV1Unit(nn.Module):
 class ShuffleNetV1(PooledClassifier):
     """1x1 stem to 24 channels, three stages of ShuffleV1 units, global pool, linear."""
 
-    def __init__(
-        self, stage_channels: tuple[int, ...], depths: tuple[int, ...], groups: int, num_classes: int
-    ) -> None:
+    def __init__(self, stage_channels: tuple[int, ...], depths: tuple[int, ...], groups: int, num_classes: int) -> None:
         super().__init__()
         in_channels = 24
         self.stem = conv_bn(3, in_channels, 1)

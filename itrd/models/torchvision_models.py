@@ -75,9 +75,7 @@ class TorchvisionClassifier(nn.Module):
     def __init__(self, arch: str, num_classes: int) -> None:
         super().__init__()
         # weights=None: never download; the product trains or loads its own checkpoints.
-        net = torchvision.models.get_model(
-            arch, weights=None, num_classes=num_classes, **_EXTRA_KWARGS.get(arch, {})
-        )
+        net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **_EXTRA_KWARGS.get(arch, {}))
         path, head = _find_linear_head(net, arch)
         _replace_submodule(net, path, nn.Identity())
         self.arch = arch
@@ -93,9 +91,7 @@ class TorchvisionClassifier(nn.Module):
 
 def torchvision_arches() -> list[str]:
     """torchvision classification architectures that this adapter supports."""
-    return [
-        a for a in torchvision.models.list_models(module=torchvision.models) if a not in _WITHOUT_LINEAR_HEAD
-    ]
+    return [a for a in torchvision.models.list_models(module=torchvision.models) if a not in _WITHOUT_LINEAR_HEAD]
 
 
 def _register(name: str, arch: str) -> None:

@@ -62,6 +62,8 @@ def upgrade() -> None:
         _timestamp("lease_expires_at"),
         _timestamp("heartbeat_at"),
         sa.Column("cancel_requested", sa.Boolean(), nullable=False),
+        sa.Column("queue", sa.String(32), nullable=False),
+        _timestamp("dispatched_at"),
         sa.Column("epoch", sa.Integer(), nullable=False),
         sa.Column("epochs", sa.Integer(), nullable=True),
         sa.Column("step", sa.Integer(), nullable=False),

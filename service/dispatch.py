@@ -1,0 +1,87 @@
+"""Telling the broker about queued jobs, and sweeping up after lost workers and lost messages.
+
+The database is the record of truth: a job row is committed first, then its id is sent. If the send
+fails (broker down) the job simply stays queued with no `dispatched_at`, and the reaper sends it once
+the broker answers again. A duplicate message is harmless: a worker must claim the job's lease first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+
+from sqlalchemy import select, update
+from sqlalchemy.engine import Engine
+
+from service.config import Settings, get_settings
+from service.db import get_engine, session_scope
+from service.models import Job, JobStatus, utcnow
+from service.states import requeue_expired
+
+log = logging.getLogger(__name__)
+
+
+def send_job(job_id: str, queue: str, settings: Settings | None = None) -> bool:
+    """Send one job id to the broker; False (logged) when the broker cannot be reached in time."""
+    from worker.celery_app import RUN_JOB, app
+
+    s = settings or get_settings()
+    try:
+        policy = {"max_retries": 1, "interval_start": 0, "interval_step": s.broker_timeout_seconds,
+                  "timeout": s.broker_timeout_seconds}
+        app.send_task(RUN_JOB, args=[job_id], queue=queue, retry=True, retry_policy=policy)
+    except Exception as exc:  # kombu raises OperationalError and friends; all mean "not sent"
+        log.warning("broker did not take job %s: %s", job_id, exc)
+        return False
+    return True
+
+
+def dispatch(job_ids: Iterable[str], engine: Engine | None = None, settings: Settings | None = None) -> list[str]:
+    """Send queued jobs to the broker and record when it accepted them; returns the ids sent."""
+    engine = engine or get_engine()
+    sent: list[str] = []
+    for job_id in job_ids:
+        with session_scope(engine) as session:
+            queue = session.scalar(select(Job.queue).where(Job.id == job_id, Job.status == JobStatus.queued))
+        if queue is None or not send_job(job_id, queue, settings):
+            continue
+        with session_scope(engine) as session:
+            session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.queued)
+                            .values(dispatched_at=utcnow()))
+        sent.append(job_id)
+    return sent
+
+
+def reap_once(engine: Engine | None = None, settings: Settings | None = None) -> dict[str, list[str]]:
+    """Requeue jobs whose worker's lease expired, then send every queued job the broker never took."""
+    engine = engine or get_engine()
+    with session_scope(engine) as session:
+        requeued = requeue_expired(session)
+    with session_scope(engine) as session:
+        unsent = list(session.scalars(select(Job.id).where(Job.status == JobStatus.queued,
+                                                           Job.dispatched_at.is_(None))
+                                      .order_by(Job.created_at)))
+    return {"requeued": requeued, "sent": dispatch(unsent, engine, settings)}
+
+
+class Reaper(threading.Thread):
+    """A daemon thread that calls `reap_once` every `settings.reap_seconds` until stopped."""
+
+    def __init__(self, engine: Engine | None = None, settings: Settings | None = None) -> None:
+        super().__init__(name="itrd-reaper", daemon=True)
+        self.engine = engine
+        self.settings = settings or get_settings()
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        """Sweep until `stop()`; errors (database or broker down) are logged and retried next round."""
+        while not self.stopped.wait(self.settings.reap_seconds):
+            try:
+                reap_once(self.engine, self.settings)
+            except Exception as exc:
+                log.warning("reaper round failed: %s", exc)
+
+    def stop(self) -> None:
+        """Ask the thread to finish after its current round."""
+        self.stopped.set()
