@@ -2,8 +2,9 @@
 
 One step = frozen teacher forward (eval, no_grad) + student forward + method loss + backward + SGD
 step over the student's and the method's parameters, for resnet32x4 -> resnet8x4 on random
-CIFAR-100-shaped batches. Methods run round-robin, one step each per round, so a change in machine
-load hits them all alike; the figure is the median over rounds.
+CIFAR-100-shaped batches. Methods run in rounds, one step each per round in a shuffled order, so a
+change in machine load hits them all alike and no method always follows the same one. Ratios to KD
+are medians of the per-round ratios (each pair timed seconds apart), which shared machines need.
 
     .venv/bin/python benchmarks/bench_step.py --warmup 3 --iters 10 --threads 2
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -30,6 +32,13 @@ from itrd.models import create_model
 NUM_CLASSES = 100
 NUM_SAMPLES = 50_000  # CIFAR-100's training set: sizes CRD's memory banks
 METHODS = ("ce", "kd", "itrd", "crd")
+
+
+def feature_dim(model: nn.Module) -> int:
+    """The model's pooled feature size (every zoo model exposes it)."""
+    dim: object = model.feature_dim
+    assert isinstance(dim, int)
+    return dim
 
 
 def sync(device: torch.device) -> None:
@@ -56,8 +65,8 @@ class StepRunner:
         targets = torch.randint(0, NUM_CLASSES, (NUM_SAMPLES,))
         self.method: Method = build_method(
             name,
-            student_dim=self.student.feature_dim,
-            teacher_dim=teacher.feature_dim,
+            student_dim=feature_dim(self.student),
+            teacher_dim=feature_dim(teacher),
             num_classes=NUM_CLASSES,
             num_samples=NUM_SAMPLES,
             train_targets=targets,
@@ -81,8 +90,8 @@ class StepRunner:
         self.optimizer.step()
 
 
-def bench_steps(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    """Median step seconds per method."""
+def bench_steps(args: argparse.Namespace, device: torch.device) -> dict[str, list[float]]:
+    """Step seconds per method, one entry per timed round."""
     torch.manual_seed(0)
     teacher = create_model(args.teacher, NUM_CLASSES).to(device).eval()
     teacher.requires_grad_(False)
@@ -91,18 +100,17 @@ def bench_steps(args: argparse.Namespace, device: torch.device) -> dict[str, flo
     x = torch.randn(args.batch, 3, 32, 32, device=device)
     y = torch.randint(0, NUM_CLASSES, (args.batch,), device=device)
     times: dict[str, list[float]] = {name: [] for name in METHODS}
+    order = random.Random(0)
     for round_ in range(args.warmup + args.iters):
         idx = torch.randint(0, NUM_SAMPLES, (args.batch,), device=device)
-        for name, runner in runners.items():
-            seconds = timed(functools.partial(runner.step, x, y, idx), device)
+        for name in order.sample(METHODS, len(METHODS)):
+            seconds = timed(functools.partial(runners[name].step, x, y, idx), device)
             if round_ >= args.warmup:
                 times[name].append(seconds)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
-def bench_itrd_loss(
-    batch: int, dim_s: int, dim_t: int, args: argparse.Namespace, device: torch.device
-) -> float:
+def bench_itrd_loss(batch: int, dim_s: int, dim_t: int, args: argparse.Namespace, device: torch.device) -> float:
     """Median seconds of the ITRD loss forward + backward alone."""
     loss = ITRDLoss(dim_s, dim_t).to(device)
     z_s = torch.randn(batch, dim_s, device=device, requires_grad=True)
@@ -119,9 +127,7 @@ def bench_itrd_loss(
 
 def main() -> None:
     """Parse arguments, run both benchmarks and print the figures."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     parser.add_argument("--iters", type=int, default=10, help="timed rounds (one step per method each)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -138,19 +144,23 @@ def main() -> None:
         f"{args.iters} timed rounds after {args.warmup} warm-up"
     )
 
-    steps = bench_steps(args, device)
-    kd = steps["kd"]
-    print("\nfull training step (median)")
-    for name, seconds in steps.items():
-        print(f"  {name:5s} {seconds * 1e3:9.2f} ms   x{seconds / kd:.3f} of kd")
-    overhead = steps["itrd"] / kd - 1
-    print(f"  itrd vs kd: {overhead:+.1%} (target within 3%)")
+    rounds = bench_steps(args, device)
+    steps = {name: statistics.median(values) for name, values in rounds.items()}
+    print("\nfull training step: median ms, median per-round ratio to kd [min, max]")
+    for name, values in rounds.items():
+        ratios = [t / k for t, k in zip(values, rounds["kd"], strict=True)]
+        print(
+            f"  {name:5s} {steps[name] * 1e3:9.2f} ms   x{statistics.median(ratios):.3f} "
+            f"[{min(ratios):.3f}, {max(ratios):.3f}]"
+        )
+    itrd_ratio = statistics.median(t / k for t, k in zip(rounds["itrd"], rounds["kd"], strict=True))
+    print(f"  itrd vs kd: {itrd_ratio - 1:+.1%} (target within 3%)")
 
     teacher = create_model(args.teacher, NUM_CLASSES)
     student = create_model(args.student, NUM_CLASSES)
-    print(f"\nITRD loss alone, forward + backward, d_s={student.feature_dim}, d_t={teacher.feature_dim}")
+    print(f"\nITRD loss alone, forward + backward, d_s={feature_dim(student)}, d_t={feature_dim(teacher)}")
     for batch in (64, 256, 1024):
-        seconds = bench_itrd_loss(batch, student.feature_dim, teacher.feature_dim, args, device)
+        seconds = bench_itrd_loss(batch, feature_dim(student), feature_dim(teacher), args, device)
         line = f"  batch {batch:5d}: {seconds * 1e3:8.3f} ms"
         if batch == args.batch:
             line += f"   {seconds / steps['ce']:.2%} of the student's own step (ce), target < 2%"

@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     default_device: DeviceKind = Field(default="cpu", description="where jobs with device 'auto' are queued")
     reap_seconds: float = Field(default=5.0, gt=0, description="how often expired leases and unsent jobs are swept")
     broker_timeout_seconds: float = Field(default=3.0, gt=0, description="give up sending to a broker that is down")
+    reaper_in_api: bool = Field(default=True, description="run the reaper thread inside the API process")
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:

@@ -7,10 +7,12 @@ the broker answers again. A duplicate message is harmless: a worker must claim t
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterable
 
+from celery import Celery
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
@@ -22,14 +24,37 @@ from service.states import requeue_expired
 log = logging.getLogger(__name__)
 
 
+_producers: dict[str, Celery] = {}
+_producers_lock = threading.Lock()
+_MAX_PRODUCERS = 4
+
+
+def _producer(s: Settings) -> Celery:
+    """A Celery app for sending with these settings' broker, built once per broker configuration.
+
+    Not the worker module's import-time app: that one is bound to whatever settings were current at
+    import, while callers (and tests) may pass settings with another broker.
+    """
+    from worker.celery_app import make_celery
+
+    key = json.dumps([s.broker_url, s.broker_transport_options(), s.broker_timeout_seconds], sort_keys=True)
+    with _producers_lock:
+        app = _producers.get(key)
+        if app is None:
+            if len(_producers) >= _MAX_PRODUCERS:
+                _producers.pop(next(iter(_producers))).close()
+            app = _producers[key] = make_celery(s)
+        return app
+
+
 def send_job(job_id: str, queue: str, settings: Settings | None = None) -> bool:
     """Send one job id to the broker; False (logged) when the broker cannot be reached in time."""
-    from worker.celery_app import RUN_JOB, app
+    from worker.celery_app import RUN_JOB
 
     s = settings or get_settings()
+    app = _producer(s)
     try:
-        policy = {"max_retries": 1, "interval_start": 0, "interval_step": s.broker_timeout_seconds,
-                  "timeout": s.broker_timeout_seconds}
+        policy = {"max_retries": 1, "interval_start": 0, "interval_step": s.broker_timeout_seconds}
         app.send_task(RUN_JOB, args=[job_id], queue=queue, retry=True, retry_policy=policy)
     except Exception as exc:  # kombu raises OperationalError and friends; all mean "not sent"
         log.warning("broker did not take job %s: %s", job_id, exc)

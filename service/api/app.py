@@ -1,0 +1,50 @@
+"""The FastAPI application factory: routes under /v1, problem+json errors, the reaper alongside."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api.problems import install_problem_handlers
+from service.api.routes import artifacts, catalog, health, jobs, teachers
+from service.config import Settings, get_settings
+from service.db import get_engine
+from service.dispatch import Reaper
+from service.storage import store_from_settings
+
+API_PREFIX = "/v1"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API for `settings` (default: from the environment); `uvicorn --factory` calls it bare."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.ensure_state_dirs()
+        reaper = Reaper(get_engine(settings.database_url), settings) if settings.reaper_in_api else None
+        if reaper is not None:
+            reaper.start()
+        app.state.reaper = reaper
+        try:
+            yield
+        finally:
+            if reaper is not None:
+                reaper.stop()
+                reaper.join(timeout=settings.reap_seconds + 2 * settings.broker_timeout_seconds)
+
+    app = FastAPI(
+        title="ITRD distillation service",
+        version="0.1.0",
+        description="Train teachers and distil students with ITRD (Miles et al., BMVC 2022) as jobs.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.store = store_from_settings(settings)
+    install_problem_handlers(app)
+    for router in (jobs.router, artifacts.router, teachers.router, catalog.router):
+        app.include_router(router, prefix=API_PREFIX)
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,110 @@
+"""Errors as RFC 9457 problem details (`application/problem+json`), for every failure the API reports."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from itrd.engine.weights import WeightsError
+from service.jobs import Rejected, TeacherNotFound
+from service.states import InvalidTransition, JobAlreadyEnded, JobNotFound, TeacherNotUsable
+from service.storage import ArtifactNotFound, InvalidArtifactName
+from service.teachers import UploadTooLarge
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_PREFIX = "urn:itrd:problem:"
+
+# Domain errors and how they read over HTTP: (status, problem type slug).
+DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
+    JobNotFound: (404, "job-not-found"),
+    TeacherNotFound: (404, "teacher-not-found"),
+    ArtifactNotFound: (404, "artifact-not-found"),
+    InvalidArtifactName: (404, "artifact-not-found"),
+    JobAlreadyEnded: (409, "job-already-ended"),
+    UploadTooLarge: (413, "upload-too-large"),
+    InvalidTransition: (409, "invalid-transition"),
+    TeacherNotUsable: (422, "teacher-not-usable"),
+    WeightsError: (422, "bad-weights"),
+}
+
+
+class Problem(Exception):
+    """An error the API answers with as it stands: status, a type slug, a detail and extension members."""
+
+    def __init__(self, status: int, detail: str, slug: str | None = None, headers: dict[str, str] | None = None,
+                 **extensions: Any) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.slug = status, detail, slug
+        self.headers = headers
+        self.extensions = extensions
+
+
+def problem_response(request: Request, status: int, detail: str, slug: str | None = None,
+                     headers: dict[str, str] | None = None, **extensions: Any) -> JSONResponse:
+    """A problem+json response; `slug` names a type of our own, else the type is about:blank."""
+    body: dict[str, Any] = {
+        "type": TYPE_PREFIX + slug if slug else "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+        **extensions,
+    }
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    return problem_response(request, exc.status_code, detail, headers=dict(exc.headers or {}))
+
+
+def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    # Only loc, msg and type: `input` may echo a whole upload and `ctx` may hold exception objects.
+    errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+              for e in exc.errors()]
+    summary = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:3])
+    detail = f"{len(errors)} invalid field(s): {summary}" if errors else "invalid request"
+    return problem_response(request, 422, detail, "validation", errors=errors)
+
+
+def _rejected(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Rejected)
+    errors = [{"loc": list(exc.loc), "msg": str(exc), "type": "value_error"}]
+    return problem_response(request, 422, str(exc), "validation", errors=errors)
+
+
+def _problem(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Problem)
+    return problem_response(request, exc.status, exc.detail, exc.slug, exc.headers, **exc.extensions)
+
+
+def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    # The most specific registered class wins, as in Starlette's own handler lookup.
+    status, slug = next(DOMAIN_ERRORS[cls] for cls in type(exc).__mro__ if cls in DOMAIN_ERRORS)
+    return problem_response(request, status, str(exc), slug)
+
+
+def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem_response(request, 500, "internal error; the server log has the details")
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Route every error the app can raise to a problem+json answer."""
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Rejected, _rejected)
+    app.add_exception_handler(Problem, _problem)
+    for cls in DOMAIN_ERRORS:
+        app.add_exception_handler(cls, _domain_error)
+    app.add_exception_handler(Exception, _unexpected)
