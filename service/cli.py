@@ -45,7 +45,7 @@ def api(host: str, port: int, run_migrations: bool) -> None:
 def worker_argv(queue: str, name: str | None) -> list[str]:
     """Celery worker arguments: one job at a time in the worker's own process, one message prefetched."""
     return ["worker", "--pool", "solo", "--concurrency", "1", "--prefetch-multiplier", "1",
-            "--queues", queue, "--hostname", name or f"itrd-{queue}-{os.getpid()}@%h",
+            "--queues", queue, "--hostname", name or f"itrd-{queue}@%h",
             "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
 
 

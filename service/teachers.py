@@ -6,20 +6,27 @@ architecture it claims to be, key for key and shape for shape.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from safetensors.torch import save_file
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from itrd.engine.weights import load_weights_strict, read_state_dict
+from itrd.engine.weights import WeightsError, load_weights_strict, read_state_dict
 from itrd.models import create_model, model_names
 from service.config import Settings
 from service.jobs import UPLOAD_WEIGHTS, Rejected, TeacherNotFound, upload_store_id, visible_to
 from service.models import TeacherUpload, new_id
 from service.storage import CHUNK_SIZE, ArtifactStore
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# torch's weights-only unpickler names the callable a pickle asked for.
+_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_MAX_DETAIL = 500
 
 
 class UploadTooLarge(ValueError):
@@ -37,6 +44,20 @@ def _copy_limited(source: BinaryIO, dest: Path, limit: int) -> bytes:
             head = head or chunk[:16]
             out.write(chunk)
     return head
+
+
+def _read_upload(path: Path) -> dict[str, Any]:
+    """The upload's tensors; a refusal names what the file wanted to run, minus torch's local advice."""
+    try:
+        return read_state_dict(path)
+    except WeightsError as exc:
+        text = _ANSI.sub("", str(exc))
+        if found := _GLOBAL.search(text):
+            raise WeightsError(
+                f"refused: loading this file would call {found.group(1)!r}, and uploads may hold only tensors. "
+                "Upload a state dict: safetensors, or torch.save(model.state_dict())"
+            ) from exc
+        raise WeightsError(text[:_MAX_DETAIL]) from exc
 
 
 def _is_safetensors(head: bytes) -> bool:
@@ -58,7 +79,7 @@ def store_teacher(
         raw = Path(folder) / "upload"
         head = _copy_limited(source, raw, settings.upload_max_bytes)
         raw = raw.rename(raw.with_suffix(".safetensors" if _is_safetensors(head) else ".pt"))
-        state = read_state_dict(raw)
+        state = _read_upload(raw)
         load_weights_strict(create_model(architecture, num_classes), state, architecture, "uploaded")
         converted = Path(folder) / UPLOAD_WEIGHTS
         # Clones: tensors that share storage (tied weights, views) cannot be saved as safetensors.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 import traceback
 from pathlib import Path
@@ -40,6 +41,13 @@ class JobFiles(Callbacks):
         self.min_interval = min_interval
         self.last_write = 0.0
         self.state: dict[str, Any] = {}
+        self.terminated = False
+        # SIGTERM reaches the trainer too when the whole process group is stopped (systemd, a shell,
+        # some orchestrators): treat it as the worker's shutdown, so the run checkpoints first.
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.terminated = True
 
     def _write_progress(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -72,6 +80,8 @@ class JobFiles(Callbacks):
                 os.fsync(f.fileno())
 
     def should_stop(self) -> str | None:
+        if self.terminated:
+            return "worker shutting down"
         stop = self.dir / STOP
         if not stop.exists():
             return None

@@ -190,3 +190,20 @@ def test_the_same_message_twice_runs_the_job_once(stack: Stack) -> None:
     with session_scope(stack.engine) as session:
         claims = [r for r in session.scalars(select(JobEvent.reason).where(JobEvent.job_id == job)) if r and "claimed" in r]
     assert len(claims) == 1
+
+
+def test_sigterm_checkpoints_and_the_job_resumes_on_another_worker(stack: Stack) -> None:
+    first = stack.start_worker()
+    job = stack.submit("train", spec(4, kind="train", model="resnet8"))
+    stack.wait(job, lambda j: j.status == JobStatus.running and j.epoch >= 2 and j.step >= 1)
+    os.killpg(first.pid, signal.SIGTERM)  # a deploy: warm shutdown
+    assert first.wait(timeout=60) == 0, stack.tail_logs()
+    handed_back = stack.job(job)
+    assert handed_back.status == JobStatus.queued and handed_back.attempt == 1, handed_back.status
+    stack.start_worker()
+    done = stack.wait(job, ended, timeout=300)
+    assert done.status == JobStatus.succeeded, f"{done.failure_reason}\n{stack.tail_logs()}"
+    assert done.result is not None and done.result["started_at_epoch"] >= 2
+    with session_scope(stack.engine) as session:
+        reasons = list(session.scalars(select(JobEvent.reason).where(JobEvent.job_id == job)))
+    assert any("shutting down" in (r or "") for r in reasons)
