@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
+import torch
 from safetensors.torch import save_file
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -22,11 +23,11 @@ from service.jobs import UPLOAD_WEIGHTS, Rejected, TeacherNotFound, upload_store
 from service.models import TeacherUpload, new_id
 from service.storage import CHUNK_SIZE, ArtifactStore
 
-
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # torch's weights-only unpickler names the callable a pickle asked for.
 _GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
-_MAX_DETAIL = 500
+_UNPICKLER = re.compile(r"WeightsUnpickler error: ([^\n]*)")
+_MAX_DETAIL = 300
 
 
 class UploadTooLarge(ValueError):
@@ -46,7 +47,7 @@ def _copy_limited(source: BinaryIO, dest: Path, limit: int) -> bytes:
     return head
 
 
-def _read_upload(path: Path) -> dict[str, Any]:
+def _read_upload(path: Path) -> dict[str, torch.Tensor]:
     """The upload's tensors; a refusal names what the file wanted to run, minus torch's local advice."""
     try:
         return read_state_dict(path)
@@ -57,6 +58,8 @@ def _read_upload(path: Path) -> dict[str, Any]:
                 f"refused: loading this file would call {found.group(1)!r}, and uploads may hold only tensors. "
                 "Upload a state dict: safetensors, or torch.save(model.state_dict())"
             ) from exc
+        if found := _UNPICKLER.search(text):
+            raise WeightsError(f"refused: the file holds more than tensors ({found.group(1)[:_MAX_DETAIL]})") from exc
         raise WeightsError(text[:_MAX_DETAIL]) from exc
 
 
