@@ -134,12 +134,12 @@ class JobSpec(_Strict):
     kind: Literal["train", "distill"] = "distill"
     model: str = Field(description="the network being trained: the teacher for 'train', the student for 'distill'")
     teacher: TeacherSpec | None = None
-    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    dataset: DatasetSpec = Field(default_factory=lambda: DatasetSpec())
     method: MethodSpec = Field(
         default_factory=lambda: MethodSpec(name="itrd"),
         description="default: 'itrd' for distill jobs, 'ce' for teacher training",
     )
-    optim: OptimSpec = Field(default_factory=OptimSpec)
+    optim: OptimSpec = Field(default_factory=lambda: OptimSpec())
     seed: int = Field(0, ge=0, le=2**31 - 1)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
 import signal
 import subprocess
 import sys
@@ -89,10 +89,8 @@ def serve(host: str, port: int) -> None:
     signal.signal(signal.SIGTERM, stop)
     try:
         while api_proc.poll() is None and worker_proc.poll() is None:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 api_proc.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                pass
     except KeyboardInterrupt:
         pass
     finally:

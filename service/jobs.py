@@ -215,10 +215,11 @@ def list_jobs(
 
 def cancel(session: Session, job_id: str, owner: str | None = None) -> Job:
     """Ask a job to stop (queued/waiting: cancelled now; running: cancelling) and commit; returns it."""
-    get_job(session, job_id, owner)
+    job = get_job(session, job_id, owner)
     request_cancel(session, job_id, reason="cancelled through the API")
     session.commit()
-    return get_job(session, job_id, owner)
+    session.refresh(job)
+    return job
 
 
 def metric_series(session: Session, job_id: str, owner: str | None = None) -> list[dict[str, Any]]:

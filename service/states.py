@@ -172,7 +172,10 @@ def _settle_dependents(
         if teacher_status is S.succeeded:
             ids = list(
                 session.scalars(
-                    update(Job).where(waiting).values(status=S.queued, queued_at=now, dispatched_at=None).returning(Job.id)
+                    update(Job)
+                    .where(waiting)
+                    .values(status=S.queued, queued_at=now, dispatched_at=None)
+                    .returning(Job.id)
                 )
             )
             _record(session, ids, S.waiting, S.queued, reason, now)

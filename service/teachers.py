@@ -26,7 +26,7 @@ from service.storage import CHUNK_SIZE, ArtifactStore
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # torch's weights-only unpickler names the callable a pickle asked for.
 _GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
-_UNPICKLER = re.compile(r"WeightsUnpickler error: ([^\n]*)")
+_UNPICKLER = re.compile(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", re.DOTALL)
 _MAX_DETAIL = 300
 
 
@@ -59,7 +59,11 @@ def _read_upload(path: Path) -> dict[str, torch.Tensor]:
                 "Upload a state dict: safetensors, or torch.save(model.state_dict())"
             ) from exc
         if found := _UNPICKLER.search(text):
-            raise WeightsError(f"refused: the file holds more than tensors ({found.group(1)[:_MAX_DETAIL]})") from exc
+            reason = " ".join(found.group(1).split())[:_MAX_DETAIL]
+            raise WeightsError(
+                "cannot read the upload safely: it is not a safetensors file or a torch.save'd state dict of "
+                f"tensors ({reason})"
+            ) from exc
         raise WeightsError(text[:_MAX_DETAIL]) from exc
 
 

@@ -26,6 +26,7 @@ from itrd.spec import JobSpec
 from service.config import Settings, get_settings
 from service.db import get_engine, session_scope
 from service.dispatch import dispatch
+from service.jobs import teacher_weights_location
 from service.models import Artifact, Job, JobStatus, record_artifact, record_metrics
 from service.states import InvalidTransition, LeaseLost, Progress, claim, finish, heartbeat, release
 from service.storage import ArtifactStore, store_from_settings
@@ -70,12 +71,10 @@ class JobRun:
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         teacher: Path | None = None
-        if job.teacher_job_id:
+        location = teacher_weights_location(job)
+        if location is not None:
             teacher = self.dir / "teacher.safetensors"
-            self.store.get_file(job.teacher_job_id, "student.safetensors", teacher)
-        elif job.teacher_upload_id:
-            teacher = self.dir / "teacher.safetensors"
-            self.store.get_file(f"upload-{job.teacher_upload_id}", "weights.safetensors", teacher)
+            self.store.get_file(*location, teacher)
         resume = False
         for name in ("last.pt", "last.pt.sha256"):
             if self.store.exists(self.job_id, name):

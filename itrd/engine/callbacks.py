@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 
-class StopRequested(Exception):  # noqa: N818 - it is a request, not an error
+class StopRequested(Exception):
     """Raised by the engine after it has checkpointed, when `Callbacks.should_stop` said so."""
 
     def __init__(self, reason: str, epoch: int, step: int) -> None:

@@ -222,7 +222,7 @@ class Trainer:
         loader = make_loader(self.data.train, self.data.info, batch_size=self.spec.optim.batch_size,
                              train=True, device=self.device, seed=self.spec.seed, epoch=epoch,
                              fast=self.spec.fast_data, num_workers=self.spec.num_workers)
-        steps = len(loader)  # type: ignore[arg-type]
+        steps = len(loader)
         return islice(iter(loader), skip, None), steps
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

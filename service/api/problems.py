@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from http import HTTPStatus
 from typing import Any
 
@@ -16,8 +15,6 @@ from service.jobs import Rejected, TeacherNotFound
 from service.states import InvalidTransition, JobAlreadyEnded, JobNotFound, TeacherNotUsable
 from service.storage import ArtifactNotFound, InvalidArtifactName
 from service.teachers import UploadTooLarge
-
-log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_PREFIX = "urn:itrd:problem:"
@@ -95,7 +92,7 @@ def _domain_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    # Not logged here: Starlette re-raises the exception after this answer, and the server logs it.
     return problem_response(request, 500, "internal error; the server log has the details")
 
 

@@ -59,8 +59,9 @@ def db(settings: Settings) -> Iterator[Session]:
 def add_job(db: Session, status: JobStatus = JobStatus.queued, **fields: Any) -> Job:
     """A committed job row in any status, bypassing the API."""
     now = utcnow()
-    values: dict[str, Any] = {"id": new_id(), "kind": "train", "spec": {"model": "resnet8", "dataset": {"name": "digits"}},
-                              "status": status, "created_at": now, "queued_at": now, "queue": "cpu"}
+    spec = {"model": "resnet8", "dataset": {"name": "digits"}}
+    values: dict[str, Any] = {"id": new_id(), "kind": "train", "spec": spec, "status": status, "created_at": now,
+                              "queued_at": now, "queue": "cpu"}
     job = Job(**{**values, **fields})
     db.add(job)
     db.commit()
@@ -338,3 +339,12 @@ def test_the_reaper_runs_inside_the_api(pg_url: str, tmp_path: Path, db: Session
             time.sleep(0.05)
         assert len(broker_messages(settings)) == 1
     assert not reaper.is_alive()
+
+
+def test_unexpected_errors_are_problems_too(tmp_path: Path) -> None:
+    from service.api.app import create_app
+
+    unmigrated = api_settings(tmp_path / "bare", f"sqlite:///{tmp_path / 'bare.db'}")
+    with TestClient(create_app(unmigrated), raise_server_exceptions=False) as client:
+        body = assert_problem(client.get("/v1/jobs"), 500, None)
+        assert "no such table" not in body["detail"]  # internals stay in the server log

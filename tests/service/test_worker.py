@@ -49,9 +49,9 @@ class Stack:
     workers: list[subprocess.Popen[bytes]]
 
     def start_worker(self) -> subprocess.Popen[bytes]:
-        log = open(self.logs / f"worker-{len(self.workers)}.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "itrd", "worker", "--device", "cpu"], env=self.env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.logs / f"worker-{len(self.workers)}.log", "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "itrd", "worker", "--device", "cpu"], env=self.env,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.workers.append(proc)
         return proc
 
@@ -161,7 +161,8 @@ def test_killed_worker_job_resumes_from_its_checkpoint_on_another(stack: Stack) 
 
     def has_checkpoint(j: Job) -> bool:
         with session_scope(stack.engine) as session:
-            return session.scalar(select(Artifact.id).where(Artifact.job_id == j.id, Artifact.name == "last.pt.sha256")) is not None
+            found = select(Artifact.id).where(Artifact.job_id == j.id, Artifact.name == "last.pt.sha256")
+            return session.scalar(found) is not None
 
     stack.wait(job, lambda j: j.status == JobStatus.running and j.epoch >= 2 and has_checkpoint(j))
     os.killpg(first.pid, signal.SIGKILL)  # the worker and its trainer vanish: no goodbye, lease left behind
@@ -188,7 +189,8 @@ def test_the_same_message_twice_runs_the_job_once(stack: Stack) -> None:
     done = stack.wait(job, ended)
     assert done.status == JobStatus.succeeded and done.attempt == 1
     with session_scope(stack.engine) as session:
-        claims = [r for r in session.scalars(select(JobEvent.reason).where(JobEvent.job_id == job)) if r and "claimed" in r]
+        reasons = session.scalars(select(JobEvent.reason).where(JobEvent.job_id == job))
+        claims = [r for r in reasons if r and "claimed" in r]
     assert len(claims) == 1
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Query, Request, Response
 
 from itrd.spec import JobSpec
 from service import jobs
@@ -15,7 +15,7 @@ from service.schemas import JobPublic, JobsPublic
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
+@router.post("", status_code=201, response_model=JobPublic)
 def submit_job(spec: JobSpec, session: SessionDep, settings: SettingsDep, owner: CurrentOwner,
                request: Request, response: Response) -> JobPublic:
     """Submit a job spec: 201 with the job, queued (or waiting on its teacher job)."""
@@ -54,7 +54,7 @@ def get_metrics(job_id: str, session: SessionDep, owner: CurrentOwner) -> list[d
     return jobs.metric_series(session, job_id, owner)
 
 
-@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic)
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)
 def cancel_job(job_id: str, session: SessionDep, owner: CurrentOwner) -> JobPublic:
     """Cancel a job: queued or waiting ones end now, running ones stop at their next step."""
     job = jobs.cancel(session, job_id, owner)

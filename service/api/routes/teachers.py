@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Query, Request, Response, UploadFile, status
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.types import Message
@@ -53,11 +53,11 @@ class UploadLimitRoute(APIRoute):
 router = APIRouter(prefix="/teachers", tags=["teachers"], route_class=UploadLimitRoute)
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=TeacherPublic)
+@router.post("", status_code=201, response_model=TeacherPublic)
 def upload_teacher(
     architecture: Annotated[str, Form(description="a name from GET /v1/models")],
     num_classes: Annotated[int, Form(ge=1, le=100_000)],
-    file: Annotated[UploadFile, Form(description="a state dict: .safetensors, or torch.save(model.state_dict())")],
+    file: Annotated[UploadFile, File(description="a state dict: .safetensors, or torch.save(model.state_dict())")],
     session: SessionDep, store: StoreDep, settings: SettingsDep, owner: CurrentOwner,
     request: Request, response: Response,
 ) -> TeacherPublic:
