@@ -1,4 +1,4 @@
-"""Service commands of the `itrd` CLI: migrate, api, worker, serve (embedded) and demo."""
+"""Service commands of the `itrd` CLI: migrate, api, worker, serve (embedded), demo and keys."""
 
 from __future__ import annotations
 
@@ -113,6 +113,7 @@ def _safe_url(url: str) -> str:
 def register(group: click.Group) -> None:
     """Add the service commands to the `itrd` command group."""
     from service.demo import demo
+    from service.keys_cli import keys
 
-    for command in (migrate, api, worker, serve, demo):
+    for command in (migrate, api, worker, serve, demo, keys):
         group.add_command(command)

@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     upload_max_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    submit_rate_per_minute: int = Field(default=60, gt=0, description="job submits and teacher uploads per key")
 
     cpu_queue: str = "cpu"
     cuda_queue: str = "cuda"

@@ -1,7 +1,7 @@
 """What the API does with jobs: submit (checking what a spec may reach), look up, list, cancel.
 
-`owner` is threaded through every lookup so that, once API keys exist, a caller sees only its own
-jobs; None (today) means no filter.
+`owner` is threaded through every lookup so that a caller sees only its own jobs (the API always
+passes the owner of the caller's key); None, for internal callers, means no filter.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from itrd.spec import JobSpec
 from service.config import Settings
 from service.db import get_engine
 from service.dispatch import dispatch
+from service.idempotency import IdempotencyClaim
 from service.models import Artifact, Job, JobStatus, Metric, TeacherUpload
 from service.states import JobNotFound, TeacherNotUsable, create_job, request_cancel
 from service.storage import ArtifactNotFound
@@ -88,7 +89,7 @@ def resolve_dataset_root(root: str | None, data_dirs: Sequence[Path]) -> str:
 
 
 def visible_to(model: type[Job] | type[TeacherUpload], owner: str | None) -> ColumnElement[bool]:
-    """The filter of the records `owner` may see: all of them while there are no owners (None)."""
+    """The filter of the records `owner` may see: all of them for internal callers (None)."""
     return true() if owner is None else model.owner == owner
 
 
@@ -133,8 +134,12 @@ def _check_teacher_upload(session: Session, spec: JobSpec, owner: str | None) ->
     return upload_id
 
 
-def submit(session: Session, spec: JobSpec, settings: Settings, owner: str | None = None) -> Job:
-    """Check and store a new job, commit it, then hand it to the broker (a broker that is down is fine)."""
+def submit(session: Session, spec: JobSpec, settings: Settings, owner: str | None = None,
+           idempotency: IdempotencyClaim | None = None) -> Job:
+    """Check and store a new job, commit it, then hand it to the broker (a broker that is down is fine).
+
+    With `idempotency`, its record commits with the job, or IdempotencyRace says another request won.
+    """
     spec = spec.model_copy(deep=True)
     spec.dataset.root = resolve_dataset_root(spec.dataset.root, settings.data_dirs)
     teacher_job_id = teacher_upload_id = None
@@ -153,6 +158,8 @@ def submit(session: Session, spec: JobSpec, settings: Settings, owner: str | Non
                          max_attempts=settings.max_attempts, queue=settings.queue_for_device(spec.device))
     except TeacherNotUsable as exc:  # the teacher ended badly between our check and the insert
         raise Rejected(("body", "teacher", "job"), str(exc)) from exc
+    if idempotency is not None:
+        idempotency.record(session, job.id)
     session.commit()
     if job.status is JobStatus.queued:
         dispatch([job.id], get_engine(settings.database_url), settings)

@@ -35,6 +35,8 @@ class JobPublic(BaseModel):
     progress: Progress
     latest_metrics: dict[str, Any] | None
     failure_reason: str | None
+    result: dict[str, Any] | None = Field(
+        None, description="a finished run's summary: final_top1, best_top1, teacher_top1, epochs, wall_seconds, ...")
     teacher_job_id: str | None
     teacher_upload_id: str | None
     created_at: datetime
@@ -52,7 +54,7 @@ class JobPublic(BaseModel):
             id=job.id, kind=job.kind, status=job.status, spec=job.spec, queue=job.queue,
             queue_position=queue_position, attempt=job.attempt, max_attempts=job.max_attempts,
             cancel_requested=job.cancel_requested, progress=progress, latest_metrics=job.latest_metrics,
-            failure_reason=job.failure_reason, teacher_job_id=job.teacher_job_id,
+            failure_reason=job.failure_reason, result=job.result, teacher_job_id=job.teacher_job_id,
             teacher_upload_id=job.teacher_upload_id, created_at=job.created_at, queued_at=job.queued_at,
             dispatched_at=job.dispatched_at, started_at=job.started_at, finished_at=job.finished_at,
         )

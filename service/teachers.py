@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from itrd.engine.weights import WeightsError, load_weights_strict, read_state_dict
 from itrd.models import create_model, model_names
 from service.config import Settings
+from service.idempotency import IdempotencyClaim
 from service.jobs import UPLOAD_WEIGHTS, Rejected, TeacherNotFound, upload_store_id, visible_to
 from service.models import TeacherUpload, new_id
 from service.storage import CHUNK_SIZE, ArtifactStore
@@ -75,9 +76,12 @@ def _is_safetensors(head: bytes) -> bool:
 
 def store_teacher(
     session: Session, store: ArtifactStore, settings: Settings, *, architecture: str, num_classes: int,
-    source: BinaryIO, owner: str | None = None,
+    source: BinaryIO, owner: str | None = None, idempotency: IdempotencyClaim | None = None,
 ) -> TeacherUpload:
-    """Check an uploaded teacher (safe load, strict fit), store it as safetensors and commit its row."""
+    """Check an uploaded teacher (safe load, strict fit), store it as safetensors and commit its row.
+
+    With `idempotency`, its record commits with the row, or IdempotencyRace says another request won.
+    """
     if architecture not in model_names():
         raise Rejected(("body", "architecture"), f"unknown architecture {architecture!r}; see GET /v1/models")
     scratch = settings.state_dir / "uploads"
@@ -98,6 +102,8 @@ def store_teacher(
                         sha256=sha256, storage_key=f"{upload_store_id(upload_id)}/{UPLOAD_WEIGHTS}", owner=owner)
     try:
         session.add(row)
+        if idempotency is not None:
+            idempotency.record(session, row.id)
         session.commit()
     except BaseException:
         store.delete(upload_store_id(upload_id), UPLOAD_WEIGHTS)

@@ -10,6 +10,7 @@ from typing import Any
 import click
 import yaml
 
+from itrd.cli.jobs import register as register_client_commands
 from itrd.cli.progress import TrainProgress
 
 
@@ -153,4 +154,5 @@ def _register_optional_commands() -> None:
 def main() -> None:
     """Console-script entry point."""
     _register_optional_commands()
+    register_client_commands(cli)
     cli()

@@ -130,9 +130,7 @@ class CRDLoss(nn.Module):
             negatives = self.by_class[pos]
         return torch.cat([indices.unsqueeze(1), negatives], dim=1)
 
-    def forward(
-        self, z_s: Tensor, z_t: Tensor, indices: Tensor, contrast_idx: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, z_s: Tensor, z_t: Tensor, indices: Tensor, contrast_idx: Tensor | None = None) -> Tensor:
         """Return the scalar CRD loss for features (n, d_s), (n, d_t) of training samples `indices`.
 
         `contrast_idx` (n, 1 + K) replaces the module's own draw of negatives (for tests).
@@ -164,9 +162,7 @@ class CRDLoss(nn.Module):
 
     def _fixed_log_z(self, buffer: Tensor, logits: Tensor) -> Tensor:
         """log Z = log(N * mean exp(logits)) of the first training batch, then held fixed."""
-        first = (torch.logsumexp(logits.detach().flatten(), 0) - math.log(logits.numel())) + math.log(
-            self.num_samples
-        )
+        first = (torch.logsumexp(logits.detach().flatten(), 0) - math.log(logits.numel())) + math.log(self.num_samples)
         # torch.where instead of an `if`, so a GPU step never waits on a device-to-host read.
         log_z = torch.where(torch.isnan(buffer), first.to(buffer.dtype), buffer)
         if self.training:

@@ -126,8 +126,7 @@ class ITRDLoss(nn.Module):
             raise ValueError(f"student and teacher batch sizes differ: {z_s.shape[0]} vs {z_t.shape[0]}")
         if z_s.shape[1] != self.student_dim or z_t.shape[1] != self.teacher_dim:
             raise ValueError(
-                f"expected feature dims ({self.student_dim}, {self.teacher_dim}), "
-                f"got ({z_s.shape[1]}, {z_t.shape[1]})"
+                f"expected feature dims ({self.student_dim}, {self.teacher_dim}), got ({z_s.shape[1]}, {z_t.shape[1]})"
             )
         if z_s.shape[0] < 2:
             raise ValueError(

@@ -8,10 +8,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.api.problems import install_problem_handlers
-from service.api.routes import artifacts, catalog, health, jobs, teachers
+from service.api.routes import artifacts, catalog, dashboard, events, health, jobs, prometheus, teachers
+from service.api.telemetry import HttpMetricsMiddleware, HttpStats
 from service.config import Settings, get_settings
 from service.db import get_engine
 from service.dispatch import Reaper
+from service.ratelimit import SlidingWindowLimiter
 from service.storage import store_from_settings
 
 API_PREFIX = "/v1"
@@ -43,8 +45,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.store = store_from_settings(settings)
+    app.state.submit_limiter = SlidingWindowLimiter(settings.submit_rate_per_minute)
     install_problem_handlers(app)
-    for router in (jobs.router, artifacts.router, teachers.router, catalog.router):
+    for router in (jobs.router, events.router, artifacts.router, teachers.router, catalog.router):
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(health.router)
+    app.include_router(prometheus.router)
+    app.include_router(dashboard.router)
+    app.state.http_stats = HttpStats()
+    app.add_middleware(HttpMetricsMiddleware, stats=app.state.http_stats)
     return app

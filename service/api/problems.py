@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from itrd.engine.weights import WeightsError
+from service.idempotency import IdempotencyConflict, IdempotencyKeyReused
 from service.jobs import Rejected, TeacherNotFound
 from service.states import InvalidTransition, JobAlreadyEnded, JobNotFound, TeacherNotUsable
 from service.storage import ArtifactNotFound, InvalidArtifactName
@@ -30,6 +31,8 @@ DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
     InvalidTransition: (409, "invalid-transition"),
     TeacherNotUsable: (422, "teacher-not-usable"),
     WeightsError: (422, "bad-weights"),
+    IdempotencyKeyReused: (422, "idempotency-key-reused"),
+    IdempotencyConflict: (409, "idempotency-conflict"),
 }
 
 

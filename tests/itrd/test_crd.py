@@ -18,10 +18,7 @@ def ref_crd(crd: CRDLoss, z_s: torch.Tensor, z_t: torch.Tensor, contrast: torch.
     """Tian et al.'s NCE loss written out: P = exp(<bank, e> / T) / Z, Z = N * mean over the first batch."""
 
     def embed(linear: torch.nn.Linear, z: torch.Tensor) -> np.ndarray:
-        e = (
-            z.double().numpy() @ linear.weight.detach().double().numpy().T
-            + linear.bias.detach().double().numpy()
-        )
+        e = z.double().numpy() @ linear.weight.detach().double().numpy().T + linear.bias.detach().double().numpy()
         return e / np.linalg.norm(e, axis=1, keepdims=True)
 
     n_total, k = crd.num_samples, contrast.shape[1] - 1

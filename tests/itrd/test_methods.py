@@ -107,9 +107,7 @@ def test_gradients_reach_the_student_and_the_method(name: str) -> None:
 def test_terms_match_the_standalone_losses() -> None:
     batch = make_batch()
     out = build("kd+itrd", alpha=1.5, temperature=2.0)(batch)
-    assert float(out.terms["ce"]) == pytest.approx(
-        float(F.cross_entropy(batch.student_logits, batch.targets))
-    )
+    assert float(out.terms["ce"]) == pytest.approx(float(F.cross_entropy(batch.student_logits, batch.targets)))
     assert batch.teacher_logits is not None and batch.teacher_features is not None
     kd = KDLoss(2.0)(batch.student_logits, batch.teacher_logits)
     assert float(out.terms["kd"]) == pytest.approx(float(kd))

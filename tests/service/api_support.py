@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,10 +19,14 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.config import Settings
-from service.db import get_engine, migrate_to_head
+from service.db import get_engine, migrate_to_head, session_scope
+from service.keys import create_key
 from service.models import Base
 
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 90  # importing torch on a busy 2-core machine
 TRAIN_SPEC: dict[str, Any] = {"kind": "train", "model": "resnet8", "dataset": {"name": "digits"}}
+OWNER = "tester"  # whom api_client's key belongs to; rows a test adds directly must name it to be seen
 
 
 def pg_database(request: pytest.FixtureRequest) -> str:
@@ -48,10 +58,22 @@ def api_settings(state_dir: Path, database_url: str, **overrides: Any) -> Settin
     return Settings(**{**values, **overrides})
 
 
+def make_key(database_url: str, owner: str = OWNER) -> str:
+    """A new API key of `owner` in the database."""
+    with session_scope(get_engine(database_url)) as session:
+        return create_key(session, owner)[1]
+
+
+def bearer(key: str) -> dict[str, str]:
+    """The Authorization header that presents `key`."""
+    return {"Authorization": f"Bearer {key}"}
+
+
 @contextmanager
-def api_client(settings: Settings) -> Iterator[TestClient]:
-    """A TestClient of the app for `settings`, its lifespan running."""
-    with TestClient(create_app(settings)) as client:
+def api_client(settings: Settings, owner: str | None = OWNER) -> Iterator[TestClient]:
+    """A TestClient of the app for `settings`, its lifespan running, sending a key of `owner` (None: no key)."""
+    headers = bearer(make_key(settings.database_url, owner)) if owner is not None else None
+    with TestClient(create_app(settings), headers=headers) as client:
         yield client
 
 
@@ -79,3 +101,50 @@ def assert_problem(response: httpx.Response, status: int, slug: str | None = ANY
 def error_locs(body: dict[str, Any]) -> list[list[Any]]:
     """The field locations a validation problem names."""
     return [e["loc"] for e in body["errors"]]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextmanager
+def uvicorn_server(env_vars: dict[str, str], log_path: Path) -> Iterator[str]:
+    """A uvicorn process serving the app factory, configured only by `env_vars` (ITRD_*); yields its base URL.
+
+    On leaving, it must shut down cleanly: the lifespan stops the reaper and uvicorn exits gracefully.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ITRD_")}
+    env.update(env_vars)
+    port = free_port()
+    log = log_path.open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "service.api.app:create_app",
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "uvicorn did not answer in time"
+            time.sleep(0.2)
+        yield base
+        proc.terminate()
+        # uvicorn re-raises the signal once it has shut down, so -SIGTERM is a clean exit too.
+        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()

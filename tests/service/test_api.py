@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 from api_support import (
+    OWNER,
     TRAIN_SPEC,
     api_client,
     api_settings,
     assert_problem,
+    bearer,
     broker_messages,
     empty_tables,
     error_locs,
@@ -61,7 +63,7 @@ def add_job(db: Session, status: JobStatus = JobStatus.queued, **fields: Any) ->
     now = utcnow()
     spec = {"model": "resnet8", "dataset": {"name": "digits"}}
     values: dict[str, Any] = {"id": new_id(), "kind": "train", "spec": spec, "status": status, "created_at": now,
-                              "queued_at": now, "queue": "cpu"}
+                              "queued_at": now, "queue": "cpu", "owner": OWNER}
     job = Job(**{**values, **fields})
     db.add(job)
     db.commit()
@@ -71,7 +73,7 @@ def add_job(db: Session, status: JobStatus = JobStatus.queued, **fields: Any) ->
 def add_upload(db: Session, architecture: str = "resnet8", num_classes: int = 10) -> str:
     """A teacher_uploads row (its weights are not needed to submit a job)."""
     row = TeacherUpload(id=new_id(), architecture=architecture, num_classes=num_classes, size=1, sha256="0" * 64,
-                        storage_key="k")
+                        storage_key="k", owner=OWNER)
     db.add(row)
     db.commit()
     return row.id
@@ -322,7 +324,7 @@ def test_health_and_readiness(client: TestClient, pg_url: str, tmp_path: Path) -
         assert body["checks"]["database"]["ok"] and body["checks"]["migrations"]["ok"]
         assert other.get("/healthz").status_code == 200
     unmigrated = api_settings(tmp_path / "bare", f"sqlite:///{tmp_path / 'bare.db'}")
-    with api_client(unmigrated) as bare:
+    with api_client(unmigrated, owner=None) as bare:
         body = assert_problem(bare.get("/readyz"), 503, "not-ready")
         assert not body["checks"]["migrations"]["ok"] and body["checks"]["broker"]["ok"]
 
@@ -346,5 +348,6 @@ def test_unexpected_errors_are_problems_too(tmp_path: Path) -> None:
 
     unmigrated = api_settings(tmp_path / "bare", f"sqlite:///{tmp_path / 'bare.db'}")
     with TestClient(create_app(unmigrated), raise_server_exceptions=False) as client:
-        body = assert_problem(client.get("/v1/jobs"), 500, None)
+        # A well-formed key, so that looking it up is what meets the missing table.
+        body = assert_problem(client.get("/v1/jobs", headers=bearer("itrd_0123456789ab_secret")), 500, None)
         assert "no such table" not in body["detail"]  # internals stay in the server log

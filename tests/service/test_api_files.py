@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from api_support import api_client, api_settings, assert_problem, empty_tables, error_locs, pg_database
+from api_support import OWNER, api_client, api_settings, assert_problem, empty_tables, error_locs, pg_database
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save
 from sqlalchemy import func, select
@@ -150,7 +150,8 @@ def test_oversized_uploads_are_413(client: TestClient, settings: Settings, db: S
 @pytest.fixture
 def artifact(db: Session, settings: Settings) -> str:
     """A succeeded job with one 3000-byte artifact, 'last.pt', in the store and on record."""
-    job = Job(id=new_id(), kind="train", spec={"model": "resnet8"}, status=JobStatus.succeeded, created_at=utcnow())
+    job = Job(id=new_id(), kind="train", spec={"model": "resnet8"}, status=JobStatus.succeeded, created_at=utcnow(),
+              owner=OWNER)
     db.add(job)
     db.commit()
     source = settings.state_dir / "last.pt"

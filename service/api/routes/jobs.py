@@ -8,18 +8,33 @@ from fastapi import APIRouter, Query, Request, Response
 
 from itrd.spec import JobSpec
 from service import jobs
-from service.api.deps import CurrentOwner, SessionDep, SettingsDep
+from service.api.deps import (
+    CurrentOwner,
+    IdempotencyKeyHeader,
+    SessionDep,
+    SettingsDep,
+    SubmitLimit,
+    idempotency_claim,
+)
+from service.idempotency import create_once
 from service.models import JobStatus
 from service.schemas import JobPublic, JobsPublic
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
-@router.post("", status_code=201, response_model=JobPublic)
+@router.post("", status_code=201, response_model=JobPublic, dependencies=[SubmitLimit])
 def submit_job(spec: JobSpec, session: SessionDep, settings: SettingsDep, owner: CurrentOwner,
-               request: Request, response: Response) -> JobPublic:
-    """Submit a job spec: 201 with the job, queued (or waiting on its teacher job)."""
-    job = jobs.submit(session, spec, settings, owner)
+               request: Request, response: Response, idempotency_key: IdempotencyKeyHeader = None) -> JobPublic:
+    """Submit a job spec: 201 with the job, queued (or waiting on its teacher job).
+
+    A repeat with the same Idempotency-Key and body answers with the job the first one made.
+    """
+    claim = idempotency_claim(owner, "jobs", idempotency_key, spec.model_dump(mode="json"))
+    job, replayed = create_once(session, claim, lambda c: jobs.submit(session, spec, settings, owner, c),
+                                lambda job_id: jobs.get_job(session, job_id, owner))
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = str(request.url_for("get_job", job_id=job.id))
     return JobPublic.from_job(job, jobs.queue_position(session, job))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
@@ -11,8 +12,18 @@ from starlette.exceptions import HTTPException
 from starlette.types import Message
 
 from service import teachers
-from service.api.deps import CurrentOwner, SessionDep, SettingsDep, StoreDep
+from service.api.deps import (
+    CurrentOwner,
+    IdempotencyKeyHeader,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    SubmitLimit,
+    idempotency_claim,
+)
+from service.idempotency import create_once
 from service.schemas import TeacherPublic, TeachersPublic
+from service.storage import CHUNK_SIZE
 
 # Room for the multipart framing and the small form fields beside the file itself.
 FORM_OVERHEAD = 64 * 1024
@@ -53,17 +64,37 @@ class UploadLimitRoute(APIRoute):
 router = APIRouter(prefix="/teachers", tags=["teachers"], route_class=UploadLimitRoute)
 
 
-@router.post("", status_code=201, response_model=TeacherPublic)
+def _file_sha256(file: UploadFile) -> str:
+    """The sha256 of an upload's bytes, leaving the file at its start for the real read."""
+    digest = hashlib.sha256()
+    file.file.seek(0)
+    while chunk := file.file.read(CHUNK_SIZE):
+        digest.update(chunk)
+    file.file.seek(0)
+    return digest.hexdigest()
+
+
+@router.post("", status_code=201, response_model=TeacherPublic, dependencies=[SubmitLimit])
 def upload_teacher(
     architecture: Annotated[str, Form(description="a name from GET /v1/models")],
     num_classes: Annotated[int, Form(ge=1, le=100_000)],
     file: Annotated[UploadFile, File(description="a state dict: .safetensors, or torch.save(model.state_dict())")],
     session: SessionDep, store: StoreDep, settings: SettingsDep, owner: CurrentOwner,
-    request: Request, response: Response,
+    request: Request, response: Response, idempotency_key: IdempotencyKeyHeader = None,
 ) -> TeacherPublic:
-    """Upload teacher weights; they are loaded safely and strictly, then kept as safetensors."""
-    row = teachers.store_teacher(session, store, settings, architecture=architecture, num_classes=num_classes,
-                                 source=file.file, owner=owner)
+    """Upload teacher weights; they are loaded safely and strictly, then kept as safetensors.
+
+    A repeat with the same Idempotency-Key, fields and file answers with the teacher the first one stored.
+    """
+    claim = (idempotency_claim(owner, "teachers", idempotency_key, architecture, num_classes, _file_sha256(file))
+             if idempotency_key is not None else None)
+    row, replayed = create_once(
+        session, claim,
+        lambda c: teachers.store_teacher(session, store, settings, architecture=architecture,
+                                         num_classes=num_classes, source=file.file, owner=owner, idempotency=c),
+        lambda upload_id: teachers.get_teacher(session, upload_id, owner))
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = str(request.url_for("get_teacher", upload_id=row.id))
     return TeacherPublic.from_row(row)
 
