@@ -30,7 +30,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device, *, c
             hit[:, 0].sum().double(),
             hit.any(dim=1).sum().double(),
             F.cross_entropy(logits, y, reduction="sum").double(),
-            torch.tensor(float(y.numel()), dtype=torch.float64, device=device),
+            torch.full((), float(y.numel()), dtype=torch.float64, device=device),
         ])
     model.train(was_training)
     top1, top5, loss, n = sums.tolist()

@@ -247,7 +247,8 @@ class Trainer:
             out.total.detach().double(),
             *(out.terms[k].detach().double() for k in self.term_names),
             correct.double(),
-            torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device),
+            # A fill kernel, not a host-to-device copy: nothing in the step waits for the host.
+            torch.full((), float(y.numel()), dtype=torch.float64, device=y.device),
         ])
 
     def _check_finite(self, rows: list[torch.Tensor], first_step: int) -> None:
