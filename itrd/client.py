@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from itrd.spec import JobSpec
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+EVENTS_READ_TIMEOUT = 60.0
 
 
 class ClientError(Exception):
@@ -213,7 +214,8 @@ class Client:
         headers = {"Accept": "text/event-stream"}
         if last_event_id is not None:
             headers["Last-Event-ID"] = last_event_id
-        timeout = httpx.Timeout(self._http.timeout.connect, read=None)
+        # The server sends a keep-alive comment every 15 s: a minute of silence is a dead connection.
+        timeout = httpx.Timeout(self._http.timeout.connect, read=EVENTS_READ_TIMEOUT)
         try:
             with self._http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=timeout) as r:
                 if r.status_code >= 400:
@@ -281,6 +283,7 @@ class Client:
             part.unlink()
             have = 0
         if have == artifact.size:
+            part.touch()  # an empty artifact has nothing to fetch, but still becomes a file
             return
         headers = {}
         if have:

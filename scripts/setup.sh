@@ -9,8 +9,13 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch and torchvision are pinned exactly in pyproject.toml: they install from this machine's disk.
 .venv/bin/python -m pip install -q -e '.[dev]'
-# Debian's docker-compose validates docker-compose.yml without a Docker engine (tests/test_deploy.py).
-if ! command -v docker-compose >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose) >/dev/null 2>&1 \
-    || echo "could not install docker-compose; the compose validation test will be skipped"
+# Debian packages the tests use: docker-compose validates docker-compose.yml without a Docker engine
+# (tests/test_deploy.py); chromium renders the dashboard headless (tests/service/test_dashboard.py).
+missing=()
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "installing ${missing[*]} (Debian)"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >/dev/null 2>&1 \
+    || echo "could not install ${missing[*]}; the tests that need them will be skipped"
 fi

@@ -83,7 +83,6 @@ def create_once(session: Session, claim: IdempotencyClaim | None, create: Callab
         try:
             return create(claim), False
         except IdempotencyRace:
-            print("RACE-LOST", flush=True)
             earlier = claim.find(session)
             if earlier is None:
                 raise IdempotencyConflict(

@@ -7,7 +7,8 @@ Where the service is and the API key come from, first match wins: the `--url`/`-
 
 Exit codes scripts can rely on: 0 ok, 1 the job failed or was cancelled, 2 usage or validation error
 (and other refusals: a conflict, a bad range), 3 not found, 4 authentication or permission,
-5 server error or service unreachable (including a checksum mismatch after download).
+5 server error or service unreachable (including a checksum mismatch after download); 130 when
+interrupted with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from service.schemas import JobPublic
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_AUTH, EXIT_SERVER = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130  # the shell's convention for Ctrl-C
 DEFAULT_URL = "http://127.0.0.1:8000"
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -83,6 +85,8 @@ def reports_errors(command: F) -> F:
             fail(str(exc), EXIT_JOB_FAILED)
         except (c.ServiceUnreachable, c.ChecksumMismatch) as exc:
             fail(str(exc), EXIT_SERVER)
+        except KeyboardInterrupt:
+            fail("interrupted (the job itself goes on; `itrd cancel ID` stops it)", EXIT_INTERRUPTED)
 
     return wrapper  # type: ignore[return-value]
 

@@ -98,7 +98,17 @@ class HttpMetricsMiddleware:
         try:
             await self.app(scope, receive, noting_send)
         finally:
-            route = scope.get("route")
-            # Unmatched paths share one label: a scanner must not create a series per URL it tries.
-            template = getattr(route, "path", None) or "unmatched"
-            self.stats.observe(scope["method"], template, status, time.perf_counter() - start)
+            self.stats.observe(scope["method"], route_template(scope), status, time.perf_counter() - start)
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path with its parameters named (`/v1/jobs/{job_id}`); "unmatched" if none matched.
+
+    Rebuilt from the path and the path parameters the router extracted, because FastAPI keeps included
+    routers nested and the matched route object knows only its path within its router.
+    """
+    if "endpoint" not in scope and "route" not in scope:
+        # Unmatched paths share one label: a scanner must not create a series per URL it tries.
+        return "unmatched"
+    names = {str(value): f"{{{name}}}" for name, value in (scope.get("path_params") or {}).items()}
+    return "/".join(names.get(segment, segment) for segment in str(scope["path"]).split("/"))

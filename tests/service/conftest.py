@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -16,8 +17,10 @@ from typing import Any
 
 import psycopg
 import pytest
+import redis
 from sqlalchemy import Engine, make_url
 from sqlalchemy.orm import Session
+from stack_support import REDIS, Stack
 
 from service.config import get_settings
 from service.db import dispose_engines, get_engine, migrate_to_head
@@ -123,3 +126,27 @@ def add_job(session: Session) -> Callable[..., Job]:
         return job
 
     return add
+
+
+@pytest.fixture
+def stack(tmp_path: Path, create_pg_database: Callable[[], str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+    """A fresh PostgreSQL database and Redis database, a state dir and the env that names them; no worker yet."""
+    db = create_pg_database()
+    migrate_to_head(db)
+    broker = f"{REDIS}/{secrets.randbelow(14) + 1}"
+    redis.Redis.from_url(broker).flushdb()
+    env_vars = {"ITRD_DATABASE_URL": db, "ITRD_BROKER_URL": broker, "ITRD_STATE_DIR": str(tmp_path / "state"),
+                "ITRD_LEASE_SECONDS": "5", "ITRD_HEARTBEAT_SECONDS": "1", "ITRD_REAP_SECONDS": "1",
+                "OMP_NUM_THREADS": "1"}
+    for k, v in env_vars.items():
+        monkeypatch.setenv(k, v)
+    get_settings.cache_clear()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    s = Stack(env={**os.environ}, engine=get_engine(db), logs=logs, workers=[])
+    yield s
+    for proc in s.workers:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    redis.Redis.from_url(broker).flushdb()

@@ -78,8 +78,11 @@ def test_no_key_or_a_bad_key_is_401_and_public_paths_stay_open(settings: Setting
             assert answer.headers["www-authenticate"].startswith("Bearer")
         for path in ("/healthz", "/readyz", "/v1/models", "/v1/methods", "/v1/presets", "/docs", "/openapi.json"):
             assert anonymous.get(path).status_code == 200, path
-        schemes = anonymous.get("/openapi.json").json()["components"]["securitySchemes"]
-        assert any(s.get("scheme", "").lower() == "bearer" for s in schemes.values())
+        schema = anonymous.get("/openapi.json").json()
+        assert any(s.get("scheme", "").lower() == "bearer" for s in schema["components"]["securitySchemes"].values())
+        jobs = schema["paths"]["/v1/jobs"]
+        assert "401" in jobs["get"]["responses"] and {"401", "429"} <= set(jobs["post"]["responses"])
+        assert "401" not in schema["paths"]["/v1/models"]["get"]["responses"]
 
 
 def test_a_revoked_key_is_401_from_then_on(settings: Settings, client: TestClient, db: Session) -> None:

@@ -201,6 +201,8 @@ def test_a_leftover_part_file_is_resumed(client: Client, server: LiveServer, tmp
     target.with_name("best.pt.part").write_bytes(PAYLOAD[:12345])
     client.download(job_id, "best.pt", target)
     assert target.read_bytes() == PAYLOAD
+    server.add_artifact(job_id, "empty.log", b"")
+    assert client.download(job_id, "empty.log", tmp_path / "empty.log").read_bytes() == b""
 
 
 def test_a_corrupt_part_file_fails_the_checksum_and_is_removed(client: Client, server: LiveServer,

@@ -27,7 +27,7 @@ from service.db import (
 from service.models import Base
 
 REPO = MIGRATIONS_DIR.parent
-TABLES = {"jobs", "job_events", "metrics", "artifacts", "teacher_uploads"}
+TABLES = {"jobs", "job_events", "metrics", "artifacts", "teacher_uploads", "api_keys", "idempotency_keys"}
 
 
 def test_upgrade_and_downgrade(empty_url: str) -> None:

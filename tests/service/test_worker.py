@@ -3,110 +3,22 @@
 from __future__ import annotations
 
 import os
-import secrets
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import pytest
-import redis
 from safetensors.torch import load_file
-from sqlalchemy import Engine, select
+from sqlalchemy import select
+from stack_support import Stack, ended, spec
 
 from itrd.models import create_model
 from service.config import get_settings
-from service.db import get_engine, migrate_to_head, session_scope
-from service.dispatch import dispatch
+from service.db import session_scope
 from service.models import Artifact, Job, JobEvent, JobStatus, Metric
-from service.states import create_job, request_cancel
+from service.states import request_cancel
 from service.storage import store_from_settings
 
 pytestmark = pytest.mark.slow
-REDIS = "redis://127.0.0.1:6379"
-QUICK = {"dataset": {"name": "digits", "subset": 256}, "device": "cpu", "optim": {"lr_decay_epochs": []}}
-
-
-def spec(epochs: int, **over: Any) -> dict[str, Any]:
-    from itrd.spec import JobSpec
-
-    data: dict[str, Any] = {**QUICK, **over}
-    data["optim"] = {**data["optim"], "epochs": epochs}
-    return JobSpec.model_validate(data).model_dump(mode="json")
-
-
-@dataclass
-class Stack:
-    """One test's service: a fresh PostgreSQL database, a Redis database, a state dir, worker processes."""
-
-    env: dict[str, str]
-    engine: Engine
-    logs: Path
-    workers: list[subprocess.Popen[bytes]]
-
-    def start_worker(self) -> subprocess.Popen[bytes]:
-        with open(self.logs / f"worker-{len(self.workers)}.log", "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "itrd", "worker", "--device", "cpu"], env=self.env,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.workers.append(proc)
-        return proc
-
-    def submit(self, kind: str, job_spec: dict[str, Any], teacher_job: str | None = None) -> str:
-        with session_scope(self.engine) as session:
-            job = create_job(session, kind=kind, spec=job_spec, teacher_job_id=teacher_job, queue="cpu")
-            job_id, queued = job.id, job.status == JobStatus.queued
-        if queued:
-            assert dispatch([job_id], self.engine) == [job_id]
-        return job_id
-
-    def job(self, job_id: str) -> Job:
-        with session_scope(self.engine) as session:
-            job = session.get(Job, job_id)
-            assert job is not None
-            return job
-
-    def wait(self, job_id: str, until: Callable[[Job], bool], timeout: float = 240.0) -> Job:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            job = self.job(job_id)
-            if until(job):
-                return job
-            time.sleep(0.3)
-        raise AssertionError(f"job {job_id} stuck in {self.job(job_id).status}; logs:\n{self.tail_logs()}")
-
-    def tail_logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.logs.glob("*.log")))
-
-
-def ended(job: Job) -> bool:
-    return job.status in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
-
-
-@pytest.fixture
-def stack(tmp_path: Path, create_pg_database: Callable[[], str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
-    db = create_pg_database()
-    migrate_to_head(db)
-    broker = f"{REDIS}/{secrets.randbelow(14) + 1}"
-    redis.Redis.from_url(broker).flushdb()
-    env_vars = {"ITRD_DATABASE_URL": db, "ITRD_BROKER_URL": broker, "ITRD_STATE_DIR": str(tmp_path / "state"),
-                "ITRD_LEASE_SECONDS": "5", "ITRD_HEARTBEAT_SECONDS": "1", "ITRD_REAP_SECONDS": "1",
-                "OMP_NUM_THREADS": "1"}
-    for k, v in env_vars.items():
-        monkeypatch.setenv(k, v)
-    get_settings.cache_clear()
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    s = Stack(env={**os.environ}, engine=get_engine(db), logs=logs, workers=[])
-    yield s
-    for proc in s.workers:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    redis.Redis.from_url(broker).flushdb()
 
 
 def test_teacher_then_dependent_student_both_succeed(stack: Stack) -> None:

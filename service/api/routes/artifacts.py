@@ -9,12 +9,12 @@ from fastapi.responses import StreamingResponse
 
 from service import jobs
 from service.api.deps import CurrentOwner, SessionDep, StoreDep
-from service.api.problems import Problem
+from service.api.problems import Problem, problem_responses
 from service.api.ranges import RangeNotSatisfiable, parse_range
 from service.schemas import ArtifactPublic, ArtifactsPublic
 from service.storage import validate_name
 
-router = APIRouter(prefix="/jobs/{job_id}/artifacts", tags=["artifacts"])
+router = APIRouter(prefix="/jobs/{job_id}/artifacts", tags=["artifacts"], responses=problem_responses(401))
 
 _DOWNLOAD_RESPONSES: dict[int | str, dict[str, object]] = {
     200: {"content": {"application/octet-stream": {}}, "description": "the whole file"},

@@ -25,6 +25,7 @@ from service.api.deps import CurrentOwner, SessionDep, SettingsDep
 from service.db import get_engine
 from service.models import JobStatus, Metric
 from service.schemas import JobPublic
+from service.states import JobNotFound
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -56,24 +57,30 @@ class _Seen:
 
 
 def _poll(database_url: str, job_id: str, owner: str | None, seen: _Seen) -> bool:
-    """Queue the events that are new since the last poll in `seen.pending`; True once the job has ended."""
+    """Queue the events that are new since the last poll in `seen.pending`; True once the job has ended.
+
+    A state event comes before the metrics (a client learns the job first), except the final one,
+    which comes last: the worker records an epoch's metrics before it finishes the job, and the job is
+    read before its metrics, so the final state follows every epoch.
+    """
     with Session(get_engine(database_url), expire_on_commit=False) as session:
         job = jobs.get_job(session, job_id, owner)
-        rows = session.scalars(select(Metric).where(Metric.job_id == job_id, Metric.epoch > seen.epoch)
-                               .order_by(Metric.epoch))
-        for row in rows:
-            seen.pending.append(sse("metrics", {"epoch": row.epoch, **{k: v for k, v in row.values.items()
-                                                                        if k != "epoch"}}, str(row.epoch)))
-            seen.epoch = row.epoch
         public = JobPublic.from_job(job, jobs.queue_position(session, job))
+        rows = list(session.scalars(select(Metric).where(Metric.job_id == job_id, Metric.epoch > seen.epoch)
+                                    .order_by(Metric.epoch)))
+    updates = [sse("metrics", {"epoch": r.epoch, **{k: v for k, v in r.values.items() if k != "epoch"}}, str(r.epoch))
+               for r in rows]
+    if rows:
+        seen.epoch = rows[-1].epoch
+    ended = public.status in TERMINAL
+    state = [sse("state", public.model_dump(mode="json"))] if public.status != seen.status else []
+    seen.status = public.status
     progress = public.progress.model_dump()
     if progress != seen.progress:
-        seen.pending.append(sse("progress", progress))
+        updates.append(sse("progress", progress))
         seen.progress = progress
-    if public.status != seen.status:
-        seen.pending.append(sse("state", public.model_dump(mode="json")))
-        seen.status = public.status
-    return public.status in TERMINAL
+    seen.pending.extend(updates + state if ended else state + updates)
+    return ended
 
 
 def _last_epoch(last_event_id: str | None) -> int:
@@ -97,7 +104,10 @@ def job_events(
         yield f"retry: {RETRY_MS}\n\n"
         quiet_since = time.monotonic()
         while True:
-            ended = await anyio.to_thread.run_sync(_poll, settings.database_url, job_id, owner, seen)
+            try:
+                ended = await anyio.to_thread.run_sync(_poll, settings.database_url, job_id, owner, seen)
+            except JobNotFound:  # deleted while followed: nothing more will happen to it
+                return
             if seen.pending:
                 quiet_since = time.monotonic()
             for chunk in seen.pending:

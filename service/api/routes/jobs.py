@@ -16,14 +16,16 @@ from service.api.deps import (
     SubmitLimit,
     idempotency_claim,
 )
+from service.api.problems import problem_responses
 from service.idempotency import create_once
 from service.models import JobStatus
 from service.schemas import JobPublic, JobsPublic
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=problem_responses(401))
 
 
-@router.post("", status_code=201, response_model=JobPublic, dependencies=[SubmitLimit])
+@router.post("", status_code=201, response_model=JobPublic, dependencies=[SubmitLimit],
+             responses=problem_responses(409, 429))
 def submit_job(spec: JobSpec, session: SessionDep, settings: SettingsDep, owner: CurrentOwner,
                request: Request, response: Response, idempotency_key: IdempotencyKeyHeader = None) -> JobPublic:
     """Submit a job spec: 201 with the job, queued (or waiting on its teacher job).

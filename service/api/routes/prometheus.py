@@ -28,21 +28,22 @@ def _gauge(name: str, help_text: str, samples: list[tuple[str, float]]) -> list[
 
 def job_metrics(session: Session) -> list[str]:
     """Jobs by status, queue depth per queue, live workers and the training throughput of running jobs."""
-    by_status = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).tuples().all())
+    by_status = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
     lines = _gauge("itrd_jobs", "Jobs in each status.",
                    [(f'status="{s.value}"', float(by_status.get(s, 0))) for s in JobStatus])
     depth = session.execute(select(Job.queue, func.count()).where(Job.status == JobStatus.queued)
-                            .group_by(Job.queue).order_by(Job.queue)).tuples().all()
+                            .group_by(Job.queue).order_by(Job.queue)).all()
     lines += _gauge("itrd_queue_depth", "Queued jobs waiting for a worker, per queue.",
                     [(f'queue="{escape_label(q)}"', float(n)) for q, n in depth])
-    live = session.scalar(select(func.count(func.distinct(Job.lease_owner)))
-                          .where(Job.lease_owner.is_not(None), Job.lease_expires_at > utcnow()))
+    leased = (Job.lease_owner.is_not(None), Job.lease_expires_at > utcnow())
+    live = session.scalar(select(func.count(func.distinct(Job.lease_owner))).where(*leased))
     lines += _gauge("itrd_live_workers", "Workers holding an unexpired lease on a job.", [("", float(live or 0))])
-    running = session.scalars(select(Job.latest_metrics).where(
-        Job.status.in_([JobStatus.running, JobStatus.cancelling])))
-    rate = sum(float(m.get("images_per_second") or 0.0) for m in running if m)
+    # Only jobs a live worker holds: an expired lease's last figure describes a run that has stopped.
+    latest = session.scalars(select(Job.latest_metrics).where(*leased))
+    rate = sum(float(m.get("images_per_second") or 0.0) for m in latest if m)
     lines += _gauge("itrd_training_images_per_second",
-                    "Training throughput summed over running jobs (each job's latest epoch).", [("", rate)])
+                    "Training throughput summed over the jobs live workers hold (each job's latest epoch).",
+                    [("", rate)])
     return lines
 
 

@@ -21,6 +21,7 @@ from service.api.deps import (
     SubmitLimit,
     idempotency_claim,
 )
+from service.api.problems import problem_responses
 from service.idempotency import create_once
 from service.schemas import TeacherPublic, TeachersPublic
 from service.storage import CHUNK_SIZE
@@ -61,7 +62,8 @@ class UploadLimitRoute(APIRoute):
         return limited
 
 
-router = APIRouter(prefix="/teachers", tags=["teachers"], route_class=UploadLimitRoute)
+router = APIRouter(prefix="/teachers", tags=["teachers"], route_class=UploadLimitRoute,
+                   responses=problem_responses(401))
 
 
 def _file_sha256(file: UploadFile) -> str:
@@ -74,7 +76,8 @@ def _file_sha256(file: UploadFile) -> str:
     return digest.hexdigest()
 
 
-@router.post("", status_code=201, response_model=TeacherPublic, dependencies=[SubmitLimit])
+@router.post("", status_code=201, response_model=TeacherPublic, dependencies=[SubmitLimit],
+             responses=problem_responses(409, 429))
 def upload_teacher(
     architecture: Annotated[str, Form(description="a name from GET /v1/models")],
     num_classes: Annotated[int, Form(ge=1, le=100_000)],

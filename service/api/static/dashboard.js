@@ -11,7 +11,17 @@ window.ITRD = (function () {
     return key ? { Authorization: "Bearer " + key } : {};
   }
 
+  // A link may carry the key in its fragment (#key=...), which browsers never send to the server:
+  // it is stored like a typed key, then removed from the address bar.
+  function keyFromFragment() {
+    const match = location.hash.match(/^#key=(.+)$/);
+    if (!match) return;
+    localStorage.setItem(KEY, decodeURIComponent(match[1]));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+
   function keyField(onChange) {
+    keyFromFragment();
     const input = document.getElementById("api-key");
     input.value = localStorage.getItem(KEY) || "";
     input.addEventListener("change", () => {
@@ -103,7 +113,12 @@ window.ITRD = (function () {
     const h = Object.assign({ Accept: "text/event-stream" }, headers());
     if (lastEventId) h["Last-Event-ID"] = lastEventId;
     const response = await fetch(path, { headers: h });
-    if (!response.ok) throw new Error(response.status + ": " + response.statusText);
+    if (!response.ok) {
+      const error = new Error(response.status + ": " + response.statusText +
+        (response.status === 401 || response.status === 403 ? " (enter a valid API key above)" : ""));
+      error.final = response.status >= 400 && response.status < 500;  // retrying will not help
+      throw error;
+    }
     const reader = response.body.getReader(), decoder = new TextDecoder();
     let buffer = "";
     for (;;) {
@@ -220,6 +235,7 @@ window.ITRD = (function () {
           showError("");
         } catch (err) {
           showError(String(err.message || err));
+          if (err.final) break;  // a new key reloads the page
           await new Promise(r => setTimeout(r, 3000));
         }
         if (!ended) await new Promise(r => setTimeout(r, 1000));
