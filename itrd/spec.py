@@ -149,6 +149,10 @@ class JobSpec(_Strict):
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader workers for the per-sample path")
     eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and always after the last)")
     checkpoint_every: int = Field(1, ge=1, description="write last.pt every N epochs (and at the end)")
+    callback_url: str | None = Field(
+        None, max_length=2048, pattern=r"^https?://[^\s]+$",
+        description="the service POSTs the ended job here, signed with HMAC-SHA256 (X-ITRD-Signature)",
+    )
 
     @field_validator("model")
     @classmethod

@@ -32,7 +32,7 @@ from itrd.spec import JobSpec
 
 CHECKPOINT_FORMAT = 1
 # Spec fields that may change between an interrupted run and its resumption without changing results.
-_RESUME_FREE_FIELDS = {"device", "num_workers", "compile"}
+_RESUME_FREE_FIELDS = {"device", "num_workers", "compile", "callback_url"}
 
 
 class RunDirError(RuntimeError):
