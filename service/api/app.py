@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api.problems import install_problem_handlers
+from service.api.problems import document_problems, install_problem_handlers
 from service.api.routes import artifacts, catalog, dashboard, events, health, jobs, prometheus, teachers
 from service.api.telemetry import HttpMetricsMiddleware, HttpStats
 from service.config import Settings, get_settings
@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = store_from_settings(settings)
     app.state.submit_limiter = SlidingWindowLimiter(settings.submit_rate_per_minute)
     install_problem_handlers(app)
+    document_problems(app)
     for router in (jobs.router, events.router, artifacts.router, teachers.router, catalog.router):
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(health.router)

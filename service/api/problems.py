@@ -123,3 +123,30 @@ def install_problem_handlers(app: FastAPI) -> None:
     for cls in DOMAIN_ERRORS:
         app.add_exception_handler(cls, _domain_error)
     app.add_exception_handler(Exception, _unexpected)
+
+
+def document_problems(app: FastAPI) -> None:
+    """Make the OpenAPI schema say what the API sends: every error answer is problem+json.
+
+    FastAPI documents its validation errors (422) as plain JSON of its own shape; here every 4xx/5xx
+    entry carries the problem schema instead, and each operation declares the 404 and 422 it can answer.
+    """
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = original()
+        for path, operations in schema.get("paths", {}).items():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                extra = [422] + ([404] if "{" in path else [])
+                for status in extra:
+                    responses.setdefault(str(status), {"description": HTTPStatus(status).phrase})
+                for code, response in responses.items():
+                    if code.isdigit() and int(code) >= 400:
+                        response["content"] = {PROBLEM_JSON: {"schema": _PROBLEM_SCHEMA}}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
