@@ -65,6 +65,14 @@ def deliver(url: str, payload: dict[str, Any], secret: bytes, delays: tuple[floa
     return False
 
 
+def send_callback(url: str, payload: dict[str, Any], settings: Settings) -> threading.Thread:
+    """Deliver one callback in a daemon thread (retries included)."""
+    thread = threading.Thread(target=deliver, args=(url, payload, callback_secret(settings)),
+                              name=f"callback-{payload.get('id')}", daemon=True)
+    thread.start()
+    return thread
+
+
 def notify_job_end(job_id: str, engine: Engine, settings: Settings | None = None, background: bool = True
                    ) -> threading.Thread | None:
     """Send the ended job's callback, if its spec asks for one; in a daemon thread unless told otherwise."""
@@ -77,10 +85,7 @@ def notify_job_end(job_id: str, engine: Engine, settings: Settings | None = None
             return None
         url = str(job.spec["callback_url"])
         payload = json.loads(JobPublic.from_job(job).model_dump_json())
-    secret = callback_secret(s)
     if not background:
-        deliver(url, payload, secret)
+        deliver(url, payload, callback_secret(s))
         return None
-    thread = threading.Thread(target=deliver, args=(url, payload, secret), name=f"callback-{job_id}", daemon=True)
-    thread.start()
-    return thread
+    return send_callback(url, payload, s)

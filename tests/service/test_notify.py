@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -99,3 +100,20 @@ def test_no_callback_url_sends_nothing(engine: Engine, receiver: Receiver) -> No
     with session_scope(engine) as session:
         job_id = create_job(session, kind="train", spec={"kind": "train", "model": "resnet8"}).id
     assert notify_job_end(job_id, engine) is None and receiver.requests == []
+
+
+def test_cancelling_a_queued_job_over_the_api_calls_back(migrated_url: str, tmp_path: Path,
+                                                         receiver: Receiver) -> None:
+    from api_support import TRAIN_SPEC, api_client, api_settings
+
+    receiver.fail_first = 0
+    settings = api_settings(tmp_path / "state", migrated_url)
+    with api_client(settings) as client:
+        job = client.post("/v1/jobs", json={**TRAIN_SPEC, "callback_url": receiver.url}).json()
+        assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+        deadline = time.monotonic() + 10
+        while not receiver.requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+    headers, body = receiver.requests[-1]
+    assert json.loads(body)["id"] == job["id"] and json.loads(body)["status"] == "cancelled"
+    assert verify(callback_secret(settings), headers, body)

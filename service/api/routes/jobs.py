@@ -19,6 +19,7 @@ from service.api.deps import (
 from service.api.problems import problem_responses
 from service.idempotency import create_once
 from service.models import JobStatus
+from service.notify import send_callback
 from service.schemas import JobPublic, JobsPublic
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=problem_responses(401))
@@ -72,7 +73,12 @@ def get_metrics(job_id: str, session: SessionDep, owner: CurrentOwner) -> list[d
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)
-def cancel_job(job_id: str, session: SessionDep, owner: CurrentOwner) -> JobPublic:
+def cancel_job(job_id: str, session: SessionDep, settings: SettingsDep, owner: CurrentOwner) -> JobPublic:
     """Cancel a job: queued or waiting ones end now, running ones stop at their next step."""
     job = jobs.cancel(session, job_id, owner)
-    return JobPublic.from_job(job, jobs.queue_position(session, job))
+    public = JobPublic.from_job(job, jobs.queue_position(session, job))
+    if job.status == JobStatus.cancelled and job.spec.get("callback_url"):
+        # Ended here, not by a worker: this is the one place that can tell the callback.
+        session.commit()
+        send_callback(str(job.spec["callback_url"]), public.model_dump(mode="json"), settings)
+    return public
