@@ -34,12 +34,15 @@ def api(host: str, port: int, run_migrations: bool) -> None:
 
     from service.config import get_settings
     from service.db import migrate_to_head
+    from service.logs import configure_logging
 
     settings = get_settings()
     settings.ensure_state_dirs()
     if run_migrations:
         migrate_to_head(settings.database_url)
-    uvicorn.run("service.api.app:create_app", factory=True, host=host, port=port, log_level="info")
+    configure_logging()
+    # log_config=None: uvicorn's loggers go through the root handler, as JSON lines like the rest.
+    uvicorn.run("service.api.app:create_app", factory=True, host=host, port=port, log_config=None)
 
 
 def worker_argv(queue: str, name: str | None) -> list[str]:
@@ -57,8 +60,10 @@ def worker_argv(queue: str, name: str | None) -> list[str]:
 def worker(queue: str | None, device: str, name: str | None) -> None:
     """Run one Celery worker that trains one job at a time."""
     from service.config import get_settings
+    from service.logs import configure_logging
     from worker.celery_app import app
 
+    configure_logging()
     settings = get_settings()
     settings.ensure_state_dirs()
     q = queue or settings.queue_for(device)  # type: ignore[arg-type]

@@ -8,7 +8,6 @@ accuracies.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import socket
@@ -22,7 +21,9 @@ from typing import Any
 import click
 import httpx
 
-DEMO_TEACHER = "resnet20"
+from itrd.client import Client, ClientError
+
+DEMO_TEACHER = "resnet20"  # the demo-digits preset's pair
 DEMO_STUDENT = "resnet8"
 
 
@@ -33,13 +34,18 @@ def _free_port() -> int:
 
 
 def demo_specs(epochs: int, subset: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The teacher-training spec and the distillation spec (its teacher filled in later)."""
-    optim = {"epochs": epochs, "batch_size": 64, "lr": 0.1, "lr_decay_epochs": [max(epochs - 1, 1)]}
-    dataset = {"name": "digits", "subset": subset}
-    teacher = {"kind": "train", "model": DEMO_TEACHER, "dataset": dataset, "optim": optim, "device": "cpu"}
-    student = {"kind": "distill", "model": DEMO_STUDENT, "dataset": dataset, "optim": optim,
-               "method": {"name": "itrd"}, "device": "cpu"}
-    return teacher, student
+    """The demo preset's teacher-training spec and distillation spec (its teacher filled in later)."""
+    from itrd.spec import preset_spec
+
+    specs = []
+    for kind in ("train", "distill"):
+        spec = preset_spec("demo-digits", kind=kind).model_dump(mode="json", exclude_none=True)
+        spec["optim"].update(epochs=epochs, lr_decay_epochs=[max(epochs - 1, 1)])
+        spec["dataset"]["subset"] = subset
+        spec["device"] = "cpu"
+        spec.pop("teacher", None)
+        specs.append(spec)
+    return specs[0], specs[1]
 
 
 def wait_ready(client: httpx.Client, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
@@ -55,39 +61,6 @@ def wait_ready(client: httpx.Client, proc: subprocess.Popen[bytes], timeout: flo
             pass
         time.sleep(0.5)
     raise click.ClickException("the service did not become ready in time")
-
-
-def follow(client: httpx.Client, job_id: str, label: str, headers: dict[str, str]) -> dict[str, Any]:
-    """Poll a job with a progress bar until it ends; returns the final job."""
-    with click.progressbar(length=1000, label=label, show_percent=True) as bar:
-        done = 0
-        while True:
-            job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}", headers=headers).raise_for_status().json()
-            fraction = float((job.get("progress") or {}).get("fraction") or 0.0)
-            target = int(1000 * (1.0 if job["status"] == "succeeded" else fraction))
-            if target > done:
-                bar.update(target - done)
-                done = target
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                return job
-            time.sleep(1.0)
-
-
-def download(client: httpx.Client, job_id: str, name: str, dest: Path, headers: dict[str, str]) -> str:
-    """Download an artifact and check it against the sha256 the service lists for it."""
-    listing = client.get(f"/v1/jobs/{job_id}/artifacts", headers=headers).raise_for_status().json()
-    items = listing["items"] if isinstance(listing, dict) else listing
-    expected = next(a["sha256"] for a in items if a["name"] == name)
-    with client.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}", headers=headers) as r:
-        r.raise_for_status()
-        h = hashlib.sha256()
-        with open(dest, "wb") as f:
-            for chunk in r.iter_bytes():
-                f.write(chunk)
-                h.update(chunk)
-    if h.hexdigest() != expected:
-        raise click.ClickException(f"{name}: sha256 mismatch after download")
-    return expected
 
 
 @click.command()
@@ -106,24 +79,26 @@ def demo(state_dir: Path | None, epochs: int, out_path: Path, subset: int | None
         env.pop(key, None)  # the demo is the embedded default, whatever this shell has configured
     click.echo(f"starting the embedded service on port {port}, state in {state}")
     proc = subprocess.Popen([sys.executable, "-m", "itrd", "serve", "--port", str(port)], env=env)
+    url = f"http://127.0.0.1:{port}"
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30.0) as client:
-            wait_ready(client, proc)
-            headers = demo_headers(client, env)
+        with httpx.Client(base_url=url, timeout=30.0) as probe:
+            wait_ready(probe, proc)
+            key = demo_key(probe, env)
+        with Client(url, api_key=key) as client:
             teacher_spec, student_spec = demo_specs(epochs, subset)
-            t = client.post("/v1/jobs", json=teacher_spec, headers=headers).raise_for_status().json()
-            student_spec["teacher"] = {"architecture": DEMO_TEACHER, "job": t["id"]}
-            s = client.post("/v1/jobs", json=student_spec, headers=headers).raise_for_status().json()
-            click.echo(f"submitted teacher job {t['id']} ({DEMO_TEACHER}) and student job {s['id']} "
+            t = client.submit(teacher_spec)
+            student_spec["teacher"] = {"architecture": DEMO_TEACHER, "job": t.id}
+            s = client.submit(student_spec)
+            click.echo(f"submitted teacher job {t.id} ({DEMO_TEACHER}) and student job {s.id} "
                        f"({DEMO_STUDENT}, ITRD), which waits for it")
-            t = follow(client, t["id"], f"teacher {DEMO_TEACHER:>9s}", headers)
-            if t["status"] != "succeeded":
-                raise click.ClickException(f"teacher job {t['status']}: {t.get('failure_reason')}")
-            s = follow(client, s["id"], f"student {DEMO_STUDENT:>9s}", headers)
-            if s["status"] != "succeeded":
-                raise click.ClickException(f"student job {s['status']}: {s.get('failure_reason')}")
-            digest = download(client, s["id"], "student.safetensors", out_path, headers)
-        report(t, s, out_path, digest)
+            try:
+                t = client.wait(t.id)
+                s = client.wait(s.id)
+            except ClientError as exc:
+                raise click.ClickException(str(exc)) from exc
+            client.download(s.id, "student.safetensors", out_path)  # resumable, sha256-checked
+            digest = next(a.sha256 for a in client.artifacts(s.id) if a.name == "student.safetensors")
+        report(t.result or {}, s.result or {}, out_path, digest)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -132,8 +107,8 @@ def demo(state_dir: Path | None, epochs: int, out_path: Path, subset: int | None
             proc.kill()
 
 
-def demo_headers(client: httpx.Client, env: dict[str, str]) -> dict[str, str]:
-    """Request headers for the demo's calls: a fresh API key of owner 'demo' in the service's database.
+def demo_key(client: httpx.Client, env: dict[str, str]) -> str:
+    """A fresh API key of owner 'demo' in the service's database, for the demo's calls.
 
     Made straight in the database the service has migrated (it answered /readyz), as `itrd keys
     create demo` would, and checked against the API before the demo relies on it.
@@ -155,18 +130,17 @@ def demo_headers(client: httpx.Client, env: dict[str, str]) -> dict[str, str]:
     if client.get("/v1/jobs", params={"limit": 1}, headers=headers).status_code != 200:
         raise click.ClickException("the service refused the demo's new API key")
     click.echo(f"made API key {row.id} for owner 'demo' (the service answers 401 without one)")
-    return headers
+    return key
 
 
-def report(teacher: dict[str, Any], student: dict[str, Any], weights: Path, digest: str) -> None:
-    """Load the downloaded student and print the accuracies of both."""
+def report(t: dict[str, Any], s: dict[str, Any], weights: Path, digest: str) -> None:
+    """Load the downloaded student and print the accuracies of both (from the jobs' run summaries)."""
     from safetensors.torch import load_file
 
     from itrd.models import create_model
 
     model = create_model(DEMO_STUDENT, 10)
     model.load_state_dict(load_file(str(weights)), strict=True)
-    t, s = teacher["result"], student["result"]
     click.echo("")
     click.echo(f"teacher {DEMO_TEACHER}: test top-1 {t['final_top1']:.2f}%")
     click.echo(f"student {DEMO_STUDENT} (ITRD): test top-1 {s['final_top1']:.2f}% "

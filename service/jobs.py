@@ -22,6 +22,7 @@ from service.config import Settings
 from service.db import get_engine
 from service.dispatch import dispatch
 from service.idempotency import IdempotencyClaim
+from service.logs import request_id as current_request_id
 from service.models import Artifact, Job, JobStatus, Metric, TeacherUpload
 from service.states import JobNotFound, TeacherNotUsable, create_job, request_cancel
 from service.storage import ArtifactNotFound
@@ -158,6 +159,7 @@ def submit(session: Session, spec: JobSpec, settings: Settings, owner: str | Non
                          max_attempts=settings.max_attempts, queue=settings.queue_for_device(spec.device))
     except TeacherNotUsable as exc:  # the teacher ended badly between our check and the insert
         raise Rejected(("body", "teacher", "job"), str(exc)) from exc
+    job.request_id = current_request_id.get()  # the worker logs under the id of the request that made it
     if idempotency is not None:
         idempotency.record(session, job.id)
     session.commit()

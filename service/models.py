@@ -148,6 +148,8 @@ class Job(Base):
     # job with no dispatched_at is re-sent by the reaper (the broker was down, or a process died).
     queue: Mapped[str] = mapped_column(String(32), default="cpu")
     dispatched_at: Mapped[datetime | None]
+    # X-Request-ID of the submit that made the job: the worker logs under it too.
+    request_id: Mapped[str | None] = mapped_column(String(64))
 
     epoch: Mapped[int] = mapped_column(default=0)
     epochs: Mapped[int | None]

@@ -23,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from itrd.spec import JobSpec
+from service import logs
 from service.config import Settings, get_settings
 from service.db import get_engine, session_scope
 from service.dispatch import dispatch
@@ -201,6 +202,10 @@ def execute_job(job_id: str, settings: Settings | None = None, worker_id: str | 
             return "skipped"
         job = session.scalar(select(Job).where(Job.id == job_id))
         assert job is not None
+    # Everything this worker logs about the job carries its id and the id of the request that made it.
+    logs.job_id.set(job_id)
+    logs.request_id.set(job.request_id)
+    log.info("job %s: claimed (attempt %d)", job_id, job.attempt)
     run = JobRun(job_id, worker_id, s, engine, store_from_settings(s))
     try:
         spec, teacher, resume = run.prepare(job)

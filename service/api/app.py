@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from service.api.problems import document_problems, install_problem_handlers
 from service.api.routes import artifacts, catalog, dashboard, events, health, jobs, prometheus, teachers
@@ -13,10 +14,26 @@ from service.api.telemetry import HttpMetricsMiddleware, HttpStats
 from service.config import Settings, get_settings
 from service.db import get_engine
 from service.dispatch import Reaper
+from service.logs import clean_request_id, request_id
 from service.ratelimit import SlidingWindowLimiter
 from service.storage import store_from_settings
 
 API_PREFIX = "/v1"
+
+
+def install_request_ids(app: FastAPI) -> None:
+    """Every request runs under an X-Request-ID (the client's, or a new one), echoed in the answer."""
+
+    @app.middleware("http")
+    async def request_ids(request: Request, call_next: Any) -> Any:
+        rid = clean_request_id(request.headers.get("x-request-id"))
+        token = request_id.set(rid)
+        try:
+            response = await call_next(request)
+        finally:
+            request_id.reset(token)
+        response.headers["X-Request-ID"] = rid
+        return response
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -53,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(prometheus.router)
     app.include_router(dashboard.router)
+    install_request_ids(app)
     app.state.http_stats = HttpStats()
     app.add_middleware(HttpMetricsMiddleware, stats=app.state.http_stats)
     return app
