@@ -78,7 +78,7 @@ class JobRun:
             teacher = self.dir / "teacher.safetensors"
             self.store.get_file(*location, teacher)
         resume = False
-        for name in ("last.pt", "last.pt.sha256"):
+        for name in ("last.pt", "last.pt.sha256", "last.prev.pt", "last.prev.pt.sha256"):
             if self.store.exists(self.job_id, name):
                 self.store.get_file(self.job_id, name, self.dir / name)
                 resume = True

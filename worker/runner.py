@@ -27,7 +27,9 @@ EVENTS = "events.jsonl"
 OUTCOME = "outcome.json"
 STOP = "STOP"
 # Files the store keeps for every job; sidecars make a downloaded checkpoint verifiable on resume.
-UPLOADED = {"last": ("last.pt", "last.pt.sha256"), "best": ("best.pt", "best.pt.sha256"),
+# The previous `last` goes too, so a resume on another machine can fall back to it if the newest is corrupt.
+UPLOADED = {"last": ("last.pt", "last.pt.sha256", "last.prev.pt", "last.prev.pt.sha256"),
+            "best": ("best.pt", "best.pt.sha256"),
             "student": ("student.safetensors",), "card": ("model_card.json",)}
 
 
@@ -73,6 +75,8 @@ class JobFiles(Callbacks):
 
     def on_checkpoint(self, kind: str, path: Path, sha256: str) -> None:
         for name in UPLOADED.get(kind, ()):
+            if not (path.parent / name).exists():
+                continue  # no previous checkpoint yet
             size, digest = self.store.put_file(self.job_id, name, path.parent / name)
             with open(self.dir / EVENTS, "a") as f:
                 f.write(json.dumps({"name": name, "size": size, "sha256": digest}) + "\n")

@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -134,29 +135,49 @@ def test_broker_down_then_back(stack: Stack) -> None:
         relay.stop()
 
 
-def test_a_corrupt_checkpoint_at_resume_fails_the_job_clearly(stack: Stack) -> None:
-    first = stack.start_worker()
-    job = stack.submit("train", spec(6, kind="train", model="resnet8"))
+def _kill_after_checkpoints(stack: Stack, job: str, first: subprocess.Popen[bytes]) -> LocalArtifactStore:
+    """Wait until the job has stored two checkpoints (last and the previous), then SIGKILL its worker."""
 
-    def checkpointed(j: Job) -> bool:
+    def two_checkpoints(j: Job) -> bool:
         with session_scope(stack.engine) as session:
-            found = select(Artifact.id).where(Artifact.job_id == j.id, Artifact.name == "last.pt.sha256")
-            return j.status == JobStatus.running and j.epoch >= 2 and session.scalar(found) is not None
+            found = select(Artifact.id).where(Artifact.job_id == j.id, Artifact.name == "last.prev.pt.sha256")
+            return j.status == JobStatus.running and session.scalar(found) is not None
 
-    stack.wait(job, checkpointed)
+    stack.wait(job, two_checkpoints)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    store = LocalArtifactStore(Path(get_settings().artifact_store.removeprefix("file://")))
-    stored = store.path(job, "last.pt")
-    data = bytearray(stored.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # one flipped bit pattern in the middle: the pickle may still parse
-    stored.write_bytes(bytes(data))
+    return LocalArtifactStore(Path(get_settings().artifact_store.removeprefix("file://")))
 
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle: the pickle may still parse
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_checkpoint_at_resume_falls_back_to_the_previous_one(stack: Stack) -> None:
+    first = stack.start_worker()
+    job = stack.submit("train", spec(6, kind="train", model="resnet8"))
+    store = _kill_after_checkpoints(stack, job, first)
+    _flip_a_byte(store.path(job, "last.pt"))
+    stack.start_worker()
+    done = stack.wait(job, ended, timeout=300)
+    assert done.status == JobStatus.succeeded, f"{done.status}: {done.failure_reason}\n{stack.tail_logs()}"
+    assert done.attempt == 2 and done.result is not None and done.result["started_at_epoch"] >= 2
+    assert done.result["epochs"] == 6
+
+
+def test_corrupt_checkpoints_at_resume_fail_the_job_clearly(stack: Stack) -> None:
+    first = stack.start_worker()
+    job = stack.submit("train", spec(6, kind="train", model="resnet8"))
+    store = _kill_after_checkpoints(stack, job, first)
+    for name in ("last.pt", "last.prev.pt"):
+        _flip_a_byte(store.path(job, name))
     stack.start_worker()
     done = stack.wait(job, ended, timeout=300)
     assert done.status == JobStatus.failed, f"{done.status}: {done.failure_reason}\n{stack.tail_logs()}"
     reason = done.failure_reason or ""
-    assert "corrupt" in reason and "last.pt" in reason, reason
+    assert "corrupt" in reason and "last.pt" in reason and "last.prev.pt" in reason, reason
     assert done.attempt >= 2 and any("lease" in r for r in events(stack, job))
 
 
