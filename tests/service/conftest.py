@@ -18,11 +18,12 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+from fastapi.testclient import TestClient
 from sqlalchemy import Engine, make_url
 from sqlalchemy.orm import Session
 from stack_support import REDIS, Stack
 
-from service.config import get_settings
+from service.config import Settings, get_settings
 from service.db import dispose_engines, get_engine, migrate_to_head
 from service.models import Base, Job, JobStatus, new_id, utcnow
 
@@ -150,3 +151,28 @@ def stack(tmp_path: Path, create_pg_database: Callable[[], str], monkeypatch: py
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     redis.Redis.from_url(broker).flushdb()
+
+
+# The API test modules define `settings` (each with its own overrides); these build on it.
+@pytest.fixture(scope="module")
+def pg_url(request: pytest.FixtureRequest) -> str:
+    """One migrated PostgreSQL database for the module (each module's `settings` empties it after a test)."""
+    from api_support import pg_database
+
+    return pg_database(request)
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    """A TestClient of the app for the module's `settings`, sending a key of api_support.OWNER."""
+    from api_support import api_client
+
+    with api_client(settings) as c:
+        yield c
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator[Session]:
+    """A session on the module's test database, for setting up and checking rows directly."""
+    with Session(get_engine(settings.database_url), expire_on_commit=False) as session:
+        yield session

@@ -19,7 +19,6 @@ from api_support import (
     broker_messages,
     empty_tables,
     error_locs,
-    pg_database,
     sqlite_database,
 )
 from fastapi.testclient import TestClient
@@ -27,14 +26,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.config import Settings
-from service.db import get_engine
 from service.models import Job, JobStatus, TeacherUpload, new_id, record_metrics, utcnow
-
-
-@pytest.fixture(scope="module")
-def pg_url(request: pytest.FixtureRequest) -> str:
-    """One migrated PostgreSQL database for this module's tests (emptied after each)."""
-    return pg_database(request)
 
 
 @pytest.fixture
@@ -42,20 +34,6 @@ def settings(pg_url: str, tmp_path: Path) -> Iterator[Settings]:
     """Embedded-mode settings on the PostgreSQL database; tables emptied afterwards."""
     yield api_settings(tmp_path / "state", pg_url)
     empty_tables(pg_url)
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    """A client of the app for `settings`."""
-    with api_client(settings) as c:
-        yield c
-
-
-@pytest.fixture
-def db(settings: Settings) -> Iterator[Session]:
-    """A session on the test database, for setting up and checking rows directly."""
-    with Session(get_engine(settings.database_url), expire_on_commit=False) as session:
-        yield session
 
 
 def add_job(db: Session, status: JobStatus = JobStatus.queued, **fields: Any) -> Job:
@@ -306,8 +284,8 @@ def test_catalog(client: TestClient) -> None:
     assert {"beta_corr", "beta_mi", "alpha"} <= set(methods["itrd"]["defaults"])
     presets = {p["name"]: p for p in client.get("/v1/presets").json()}
     demo = presets["demo-digits"]
-    assert (demo["teacher"], demo["student"], demo["dataset"]) == ("resnet32x4", "resnet8x4", "digits")
-    assert demo["spec"]["model"] == "resnet8x4" and demo["teacher_spec"]["kind"] == "train"
+    assert (demo["teacher"], demo["student"], demo["dataset"]) == ("resnet20", "resnet8", "digits")
+    assert demo["spec"]["model"] == "resnet8" and demo["teacher_spec"]["kind"] == "train"
     assert client.get("/docs").status_code == 200 and "/v1/jobs" in client.get("/openapi.json").json()["paths"]
 
 

@@ -17,7 +17,6 @@ from api_support import (
     bearer,
     empty_tables,
     make_key,
-    pg_database,
 )
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
@@ -37,31 +36,11 @@ PROTECTED = [("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", f"/v1/jobs/{'0' 
              ("GET", "/v1/teachers"), ("POST", "/v1/teachers")]
 
 
-@pytest.fixture(scope="module")
-def pg_url(request: pytest.FixtureRequest) -> str:
-    """One migrated PostgreSQL database for this module (emptied after each test)."""
-    return pg_database(request)
-
-
 @pytest.fixture
 def settings(pg_url: str, tmp_path: Path) -> Iterator[Settings]:
     """Embedded settings on PostgreSQL, at most 3 submissions a minute per key."""
     yield api_settings(tmp_path / "state", pg_url, submit_rate_per_minute=3)
     empty_tables(pg_url)
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    """A client sending a key of OWNER."""
-    with api_client(settings) as c:
-        yield c
-
-
-@pytest.fixture
-def db(settings: Settings) -> Iterator[Session]:
-    """A session on the test database."""
-    with Session(get_engine(settings.database_url), expire_on_commit=False) as session:
-        yield session
 
 
 def test_no_key_or_a_bad_key_is_401_and_public_paths_stay_open(settings: Settings) -> None:

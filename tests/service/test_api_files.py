@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from api_support import OWNER, api_client, api_settings, assert_problem, empty_tables, error_locs, pg_database
+from api_support import OWNER, api_settings, assert_problem, empty_tables, error_locs
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save
 from sqlalchemy import func, select
@@ -19,7 +19,6 @@ from sqlalchemy.orm import Session
 
 from itrd.models import create_model
 from service.config import Settings
-from service.db import get_engine
 from service.models import Job, JobStatus, TeacherUpload, new_id, record_artifact, utcnow
 from service.storage import LocalArtifactStore, store_from_settings
 
@@ -36,31 +35,11 @@ class RunsCode:
         return open, (str(self.path), "w")
 
 
-@pytest.fixture(scope="module")
-def pg_url(request: pytest.FixtureRequest) -> str:
-    """One migrated PostgreSQL database for this module (emptied after each test)."""
-    return pg_database(request)
-
-
 @pytest.fixture
 def settings(pg_url: str, tmp_path: Path) -> Iterator[Settings]:
     """Embedded settings on PostgreSQL with a small upload limit (resnet8's weights fit)."""
     yield api_settings(tmp_path / "state", pg_url, upload_max_bytes=1_000_000)
     empty_tables(pg_url)
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    """A client of the app for `settings`."""
-    with api_client(settings) as c:
-        yield c
-
-
-@pytest.fixture
-def db(settings: Settings) -> Iterator[Session]:
-    """A session on the test database."""
-    with Session(get_engine(settings.database_url), expire_on_commit=False) as session:
-        yield session
 
 
 def torch_bytes(obj: Any) -> bytes:

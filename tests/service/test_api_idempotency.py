@@ -14,7 +14,6 @@ import torch
 from api_support import (
     OWNER,
     TRAIN_SPEC,
-    api_client,
     api_settings,
     assert_problem,
     bearer,
@@ -22,7 +21,6 @@ from api_support import (
     empty_tables,
     error_locs,
     make_key,
-    pg_database,
     uvicorn_server,
 )
 from fastapi.testclient import TestClient
@@ -37,24 +35,11 @@ from service.models import IdempotencyRecord, Job, TeacherUpload
 CONCURRENT = 20
 
 
-@pytest.fixture(scope="module")
-def pg_url(request: pytest.FixtureRequest) -> str:
-    """One migrated PostgreSQL database for this module (emptied after each test)."""
-    return pg_database(request)
-
-
 @pytest.fixture
 def settings(pg_url: str, tmp_path: Path) -> Iterator[Settings]:
     """Embedded settings on PostgreSQL."""
     yield api_settings(tmp_path / "state", pg_url)
     empty_tables(pg_url)
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    """A client sending a key of OWNER."""
-    with api_client(settings) as c:
-        yield c
 
 
 def count(url: str, model: type[Any]) -> int:
