@@ -241,3 +241,32 @@ def test_database_down_then_back_while_training(stack: Stack) -> None:
         assert "could not reach the database" in worker_log  # the outage did reach the worker
     finally:
         relay.stop()
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(stack: Stack) -> None:
+    """The trainer's run directory is a 2 MiB tmpfs: epoch 1's checkpoints fit, epoch 2's do not."""
+    runs = Path(stack.env["ITRD_STATE_DIR"]) / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(runs)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        stack.start_worker()
+        job = stack.submit("train", spec(4, kind="train", model="resnet8"))
+        done = stack.wait(job, ended, timeout=300)
+        assert done.status == JobStatus.failed, f"{done.status}: {done.failure_reason}\n{stack.tail_logs()}"
+        assert "No space left on device" in (done.failure_reason or ""), done.failure_reason
+        assert done.epoch >= 2  # it failed writing a later checkpoint, not at the start
+        # The checkpoint stored before the disk filled is whole: it verifies against its sha256 and loads.
+        store = LocalArtifactStore(Path(get_settings().artifact_store.removeprefix("file://")))
+        from itrd.engine.checkpoint import load_checkpoint
+
+        state = load_checkpoint(store.path(job, "last.pt"))
+        assert state["epoch"] >= 1 and "student" in state
+        assert not [p for p in (runs / job).iterdir() if ".tmp" in p.name]  # no half-written file left
+    finally:
+        for proc in stack.workers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        subprocess.run(["umount", "-l", str(runs)], check=False)
