@@ -75,14 +75,20 @@ def test_dockerfile_copies_what_exists_and_runs_a_real_command() -> None:
     assert "python:3.11" in text  # the Python the project pins
 
 
-def test_health_endpoints_used_by_the_checks_exist() -> None:
+def test_health_endpoints_used_by_the_checks_exist(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
     from service.api.app import create_app
 
-    paths = {getattr(r, "path", None) for r in create_app().routes}
-    assert {"/healthz", "/readyz"} <= paths
-    for probe in ((ROOT / "Dockerfile").read_text(), yaml.safe_dump(SERVICES["api"]["healthcheck"])):
-        for path in re.findall(r"127\.0\.0\.1:8000(/\w+)", probe):
-            assert path in paths
+    settings = Settings(state_dir=tmp_path, reaper_in_api=False)
+    probes = [p for text in ((ROOT / "Dockerfile").read_text(), yaml.safe_dump(SERVICES["api"]["healthcheck"]))
+              for p in re.findall(r"127\.0\.0\.1:8000(/\w+)", text)]
+    assert set(probes) == {"/healthz", "/readyz"}
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/healthz").status_code == 200
+        # Not migrated here: /readyz must answer (503 and why), never 404.
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "migrations" in ready.text
 
 
 def test_worker_health_check_names_the_node_the_worker_takes() -> None:
