@@ -6,11 +6,6 @@ into the records (no worker), as a worker would.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,16 +13,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
-from api_support import make_key
+from api_support import make_key, uvicorn_server
 from sqlalchemy import update
 
 from service.db import get_engine, migrate_to_head, session_scope
 from service.models import Job, JobStatus, new_id, record_artifact, record_metrics, utcnow
 from service.storage import LocalArtifactStore
 
-REPO = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 90  # importing torch on a busy 2-core machine
 OWNER = "client-tests"
 
 
@@ -75,47 +67,12 @@ class LiveServer:
         return digest
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @contextmanager
 def running_server(directory: Path) -> Iterator[LiveServer]:
     """Start uvicorn on a fresh state dir under `directory` (no reaper: nothing re-queues test jobs)."""
     state = directory / "state"
     database_url = f"sqlite:///{state / 'itrd.db'}"
     migrate_to_head(database_url)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ITRD_")}
-    env.update(ITRD_STATE_DIR=str(state), ITRD_REAPER_IN_API="false", ITRD_BROKER_TIMEOUT_SECONDS="0.5")
-    port = free_port()
-    log_path = directory / "uvicorn.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "service.api.app:create_app",
-             "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while True:
-                assert proc.poll() is None, log_path.read_text()
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "uvicorn did not answer in time"
-                time.sleep(0.2)
-            yield LiveServer(url, state, database_url, make_key(database_url, OWNER))
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    env = {"ITRD_STATE_DIR": str(state), "ITRD_REAPER_IN_API": "false", "ITRD_BROKER_TIMEOUT_SECONDS": "0.5"}
+    with uvicorn_server(env, directory / "uvicorn.log") as url:
+        yield LiveServer(url, state, database_url, make_key(database_url, OWNER))

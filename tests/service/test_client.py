@@ -88,7 +88,7 @@ def test_errors_carry_the_problem_details(client: Client, server: LiveServer) ->
 
 
 def _closed_port() -> int:
-    from live_server import free_port
+    from api_support import free_port
 
     return free_port()
 

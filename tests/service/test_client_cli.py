@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 import yaml
-from api_support import TRAIN_SPEC
+from api_support import TRAIN_SPEC, free_port
 from click.testing import CliRunner, Result
-from live_server import LiveServer, free_port, running_server
+from live_server import LiveServer, running_server
 
 from itrd.cli.jobs import EXIT_AUTH, EXIT_JOB_FAILED, EXIT_NOT_FOUND, EXIT_SERVER, EXIT_USAGE, follow, register
 from itrd.cli.main import cli
