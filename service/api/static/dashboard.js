@@ -223,9 +223,11 @@ window.ITRD = (function () {
       } else if (type === "state") {
         showJob(data);
         ended = TERMINAL.has(data.status);
-        loadArtifacts().catch(() => {});
+        artifactsLoaded = loadArtifacts().catch(() => {});
       }
     }
+
+    let artifactsLoaded = Promise.resolve();
 
     async function run() {
       redraw();
@@ -240,6 +242,7 @@ window.ITRD = (function () {
         }
         if (!ended) await new Promise(r => setTimeout(r, 1000));
       }
+      await artifactsLoaded;  // the final listing is on the page before it says it is done
       document.body.dataset.loaded = "done";
     }
 
