@@ -19,6 +19,9 @@ class TrainProgress(Callbacks):
     def on_start(self, info: dict[str, Any]) -> None:
         self.epochs = int(info["epochs"])
         parts = [f"device {info['device']}"]
+        if "precision" in info:
+            layout = ", channels_last" if info.get("channels_last") else ""
+            parts.append(f"{info['precision']}{layout}")
         if info.get("teacher_top1") is not None:
             parts.append(f"teacher top-1 {info['teacher_top1']:.2f}%")
         if info.get("resumed_from"):

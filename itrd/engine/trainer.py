@@ -25,6 +25,7 @@ from itrd.data import ImageSet, LoadedDataset, load_dataset, make_loader
 from itrd.engine.callbacks import Callbacks, NonFiniteLoss, StopRequested
 from itrd.engine.checkpoint import latest_valid_checkpoint, save_checkpoint, sha256_file
 from itrd.engine.evaluate import evaluate
+from itrd.engine.hardware import resolve_execution
 from itrd.engine.weights import export_student, freeze_teacher, load_weights_strict, read_state_dict
 from itrd.losses import Batch, build_method
 from itrd.models import create_model
@@ -115,8 +116,9 @@ class Trainer:
         self.cb = callbacks or Callbacks()
         self.device = resolve_device(spec.device)
         cuda = self.device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if (spec.precision == "bf16" or (spec.precision == "auto" and cuda)) else None
-        self.channels_last = spec.channels_last if spec.channels_last is not None else cuda
+        self.execution = resolve_execution(spec.precision, spec.channels_last, self.device)
+        self.amp_dtype = self.execution.amp_dtype
+        self.channels_last = self.execution.channels_last
         # Host syncs cost a GPU its pipelining; check finiteness every step on the CPU only.
         self.check_every = 50 if cuda else 1
         self.teacher_weights = teacher_weights
@@ -278,7 +280,8 @@ class Trainer:
         if self.teacher is not None and p.teacher_top1 is None:
             p.teacher_top1 = self._evaluate(self.teacher)["top1"]
         steps_hint = len(self.data.train) // self.spec.optim.batch_size
-        self.cb.on_start({"device": str(self.device), "epochs": self.spec.optim.epochs,
+        self.cb.on_start({"device": str(self.device), "precision": self.execution.precision,
+                          "channels_last": self.channels_last, "epochs": self.spec.optim.epochs,
                           "steps_per_epoch": steps_hint, "teacher_top1": p.teacher_top1,
                           "resumed_from": str(resumed_from) if resumed_from else None,
                           "start_epoch": p.epoch + 1})
@@ -364,8 +367,8 @@ class Trainer:
         loader = make_loader(self.data.test, self.data.info, batch_size=max(self.spec.optim.batch_size, 256),
                              train=False, device=self.device, seed=self.spec.seed, epoch=0,
                              fast=self.spec.fast_data, num_workers=self.spec.num_workers)
-        with self._autocast():
-            return evaluate(model, loader, self.device, channels_last=self.channels_last)
+        # Always float32: the reported accuracy is that of the exported weights, whatever trained them.
+        return evaluate(model, loader, self.device, channels_last=self.channels_last)
 
     # ----------------------------------------------------------------------------------------- outputs
     def _append_metrics(self, metrics: dict[str, Any]) -> None:
@@ -396,6 +399,7 @@ class Trainer:
             "epochs": len(p.history),
             "started_at_epoch": self.started_at_epoch,  # > 1 when this session resumed a run
             "wall_seconds": wall,
+            "precision": self.execution.precision,  # what `precision: auto` became on this machine
             "images_per_second": total_images / total_seconds if total_seconds > 0 else None,
         }
         card = {

@@ -114,8 +114,9 @@ def test_distill_run_writes_every_output(teacher_file: Path, tmp_path: Path) -> 
     assert "embed.weight" in "".join(ckpt["method"])
 
 
-def test_same_seed_is_bit_repeatable(teacher_file: Path, tmp_path: Path) -> None:
-    s = distill_spec(teacher_file, optim={"epochs": 1, "lr_decay_epochs": []})
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_same_seed_is_bit_repeatable(teacher_file: Path, tmp_path: Path, precision: str) -> None:
+    s = distill_spec(teacher_file, optim={"epochs": 1, "lr_decay_epochs": []}, precision=precision)
     train(s, tmp_path / "a")
     train(s, tmp_path / "b")
     a, b = load_file(str(tmp_path / "a/student.safetensors")), load_file(str(tmp_path / "b/student.safetensors"))
@@ -123,10 +124,12 @@ def test_same_seed_is_bit_repeatable(teacher_file: Path, tmp_path: Path) -> None
     assert strip_timing(metrics(tmp_path / "a")) == strip_timing(metrics(tmp_path / "b"))
 
 
-@pytest.mark.parametrize("stop", [(1, 2), (1, 4), (2, 1)], ids=["mid-epoch", "epoch-end", "second-epoch"])
+@pytest.mark.parametrize(("stop", "precision"), [((1, 2), "fp32"), ((1, 4), "fp32"), ((2, 1), "fp32"),
+                                                ((1, 2), "bf16")],
+                         ids=["mid-epoch", "epoch-end", "second-epoch", "mid-epoch-bf16"])
 def test_resume_gives_exactly_the_uninterrupted_run(teacher_file: Path, tmp_path: Path,
-                                                    stop: tuple[int, int]) -> None:
-    s = distill_spec(teacher_file, method={"name": "kd+itrd"})
+                                                    stop: tuple[int, int], precision: str) -> None:
+    s = distill_spec(teacher_file, method={"name": "kd+itrd"}, precision=precision)
     train(s, tmp_path / "whole")
     with pytest.raises(StopRequested):
         train(s, tmp_path / "cut", callbacks=StopAt(*stop))
@@ -137,6 +140,25 @@ def test_resume_gives_exactly_the_uninterrupted_run(teacher_file: Path, tmp_path
     a = load_file(str(tmp_path / "whole/student.safetensors"))
     b = load_file(str(tmp_path / "cut/student.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_training_reports_the_float32_accuracy_of_its_exported_weights(teacher_file: Path,
+                                                                           tmp_path: Path) -> None:
+    from itrd.data import make_loader
+    from itrd.engine import evaluate
+
+    trainer = Trainer(distill_spec(teacher_file, precision="bf16", optim={"epochs": 1, "lr_decay_epochs": []}),
+                      tmp_path)
+    summary = trainer.run()
+    assert summary["precision"] == "bf16"
+    weights = load_file(str(tmp_path / "student.safetensors"))
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())  # master weights
+    model = create_model("resnet8", 10)
+    model.load_state_dict(weights)
+    loader = make_loader(trainer.data.test, trainer.data.info, batch_size=100, train=False,
+                         device=torch.device("cpu"), seed=0, epoch=0)
+    result = evaluate(model, loader, torch.device("cpu"))  # float32, default layout: how a user runs it
+    assert result["top1"] == pytest.approx(summary["final_top1"], abs=1e-6)
 
 
 def test_crd_memory_banks_resume_exactly(teacher_file: Path, tmp_path: Path) -> None:
