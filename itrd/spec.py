@@ -142,9 +142,13 @@ class JobSpec(_Strict):
     optim: OptimSpec = Field(default_factory=lambda: OptimSpec())
     seed: int = Field(0, ge=0, le=2**31 - 1)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
-    compile: bool = Field(False, description="torch.compile the student and the teacher")
-    channels_last: bool | None = Field(None, description="memory format; auto: on for CUDA")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 autocast (losses and evaluation stay float32) or float32; auto: bf16 where the "
+        "device multiplies bf16 natively (CUDA; CPUs with AMX or AVX512-BF16), float32 elsewhere",
+    )
+    compile: bool = Field(False, description="torch.compile the student and the teacher (pays off on long runs)")
+    channels_last: bool | None = Field(
+        None, description="NHWC memory format; auto (null): on wherever oneDNN or cuDNN runs the convolutions")
     fast_data: bool | None = Field(None, description="keep the dataset on the device; auto: when it fits")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader workers for the per-sample path")
     eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and always after the last)")

@@ -196,3 +196,26 @@ def test_a_run_directory_is_never_overwritten(teacher_file: Path, tmp_path: Path
     other = distill_spec(teacher_file, optim={"epochs": 1, "lr_decay_epochs": [], "lr": 0.1})
     with pytest.raises(RunDirError, match=r"different spec.*optim"):
         train(other, tmp_path, resume=True)
+
+
+@pytest.mark.slow
+def test_compiled_run_resumes_an_eager_one_and_reports_true_accuracy(teacher_file: Path, tmp_path: Path) -> None:
+    """`compile: true` (torch.compile, C++ kernels on the CPU) trains, and may be switched on at a resume."""
+    eager = distill_spec(teacher_file, optim={"epochs": 1, "lr_decay_epochs": []}, precision="fp32")
+    with pytest.raises(StopRequested):
+        train(eager, tmp_path, callbacks=StopAt(1, 2))
+    compiled = eager.model_copy(update={"compile": True})
+    summary = train(compiled, tmp_path, resume=True)
+    m = metrics(tmp_path)
+    assert len(m) == 1 and all(m[0][k] == m[0][k] for k in ("loss", "loss_corr", "loss_mi"))  # finite
+    from itrd.data import make_loader
+    from itrd.engine import evaluate
+
+    model = create_model("resnet8", 10)
+    model.load_state_dict(load_file(str(tmp_path / "student.safetensors")))
+    data = Trainer(eager, tmp_path / "probe").data
+    loader = make_loader(data.test, data.info, batch_size=100, train=False, device=torch.device("cpu"),
+                         seed=0, epoch=0)
+    eager_top1 = evaluate(model, loader, torch.device("cpu"))["top1"]
+    # Compiled kernels round differently from eager ones: allow one image of the 256 to flip.
+    assert abs(eager_top1 - summary["final_top1"]) <= 100.0 / 256 + 1e-9
