@@ -1,4 +1,4 @@
-"""Telling the broker about queued jobs, and sweeping up after lost workers and lost messages.
+"""Telling the broker about queued jobs, and sweeping up after lost workers, messages and callbacks.
 
 The database is the record of truth: a job row is committed first, then its id is sent. If the send
 fails (broker down) the job simply stays queued with no `dispatched_at`, and the reaper sends it once
@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from service.config import Settings, get_settings
 from service.db import get_engine, session_scope
 from service.models import Job, JobStatus, utcnow
+from service.notify import kick
 from service.states import requeue_expired
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ def dispatch(job_ids: Iterable[str], engine: Engine | None = None, settings: Set
 
 
 def reap_once(engine: Engine | None = None, settings: Settings | None = None) -> dict[str, list[str]]:
-    """Requeue jobs whose worker's lease expired, then send every queued job the broker never took."""
+    """Requeue jobs whose worker's lease expired, send every queued job the broker never took, and
+    start sending the callbacks that are due (in the background: a slow receiver never holds up a sweep)."""
     engine = engine or get_engine()
     with session_scope(engine) as session:
         requeued = requeue_expired(session)
@@ -87,7 +89,9 @@ def reap_once(engine: Engine | None = None, settings: Settings | None = None) ->
         unsent = list(session.scalars(select(Job.id).where(Job.status == JobStatus.queued,
                                                            Job.dispatched_at.is_(None))
                                       .order_by(Job.created_at)))
-    return {"requeued": requeued, "sent": dispatch(unsent, engine, settings)}
+    sent = dispatch(unsent, engine, settings)
+    kick(engine, settings)  # callbacks still owed: retries due, or a sender that died with its process
+    return {"requeued": requeued, "sent": sent}
 
 
 class Reaper(threading.Thread):

@@ -278,3 +278,25 @@ def record_artifact(
         ("job_id", "name"),
         {"job_id": job_id, "name": name, "size": size, "sha256": sha256, "created_at": now or utcnow()},
     )
+
+
+class CallbackDelivery(Base):
+    """The outbox row of one job-end callback, written in the same transaction that ends the job.
+
+    Whoever ends a job (a worker, the API, the reaper) can die right after; the row cannot be lost
+    with it. Any process running the reaper delivers due rows, taking a short lease on each first.
+    """
+
+    __tablename__ = "callback_deliveries"
+    __table_args__ = (Index(None, "state", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    lease_until: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]

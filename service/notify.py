@@ -1,4 +1,13 @@
-"""Job-end notifications: a signed POST to the spec's `callback_url`, retried with back-off.
+"""Job-end notifications: a signed POST to the spec's `callback_url`, delivered from an outbox.
+
+Ending a job writes a `callback_deliveries` row in the same transaction (service.states), so the
+callback is owed exactly when the end is recorded, whoever ends the job and whatever happens to that
+process next. `deliver_due` sends due rows, each under a short lease so two processes never send one
+row at once, and schedules a failed attempt again with exponential back-off (1 s doubling, 13
+attempts over about 68 minutes) before marking it failed. The process that ended the job starts a
+sender at once (`kick`); every reaper round sends whatever is still due, so a sender that died is
+replaced. Delivery is at least once: `X-ITRD-Delivery` (stable across retries) lets a receiver
+drop duplicates.
 
 The body is the job's public JSON. The signature is `X-ITRD-Signature: sha256=<hex>`, the HMAC-SHA256
 of `<timestamp>.<body>` under the service's callback secret, with the timestamp in
@@ -10,23 +19,28 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import os
 import secrets
 import threading
 import time
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
+from sqlalchemy import or_, select, update
 from sqlalchemy.engine import Engine
 
 from service.config import Settings, get_settings
 from service.db import session_scope
-from service.models import Job
+from service.models import CallbackDelivery, Job, utcnow
 
 log = logging.getLogger(__name__)
-RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+# Seconds to wait after the n-th failed attempt; after the last one the delivery is marked failed.
+BACKOFF = tuple(float(2**n) for n in range(12))
+MAX_ATTEMPTS = len(BACKOFF) + 1
+POST_TIMEOUT = 10.0
+LEASE = timedelta(seconds=60)  # well over one POST: a leased row is being sent, or its sender died
 
 
 def callback_secret(settings: Settings) -> bytes:
@@ -47,45 +61,107 @@ def sign(secret: bytes, timestamp: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
 
 
-def deliver(url: str, payload: dict[str, Any], secret: bytes, delays: tuple[float, ...] = RETRY_DELAYS) -> bool:
-    """POST `payload` to `url` until a 2xx answer or the retries run out; True when delivered."""
-    body = json.dumps(payload, default=str, sort_keys=True).encode()
-    for attempt, delay in enumerate((0.0, *delays)):
-        time.sleep(delay)
-        timestamp = str(int(time.time()))
-        headers = {"Content-Type": "application/json", "X-ITRD-Timestamp": timestamp,
-                   "X-ITRD-Signature": sign(secret, timestamp, body), "X-ITRD-Delivery-Attempt": str(attempt + 1)}
-        try:
-            response = httpx.post(url, content=body, headers=headers, timeout=10.0)
-            if 200 <= response.status_code < 300:
-                return True
-            log.warning("callback %s answered %s (attempt %d)", url, response.status_code, attempt + 1)
-        except httpx.HTTPError as exc:
-            log.warning("callback %s failed: %s (attempt %d)", url, exc, attempt + 1)
-    return False
+def post_once(url: str, body: bytes, secret: bytes, *, delivery_id: str, attempt: int) -> str | None:
+    """POST one signed body; None when the receiver answered 2xx, else what went wrong."""
+    timestamp = str(int(time.time()))
+    headers = {"Content-Type": "application/json", "X-ITRD-Timestamp": timestamp,
+               "X-ITRD-Signature": sign(secret, timestamp, body), "X-ITRD-Delivery": delivery_id,
+               "X-ITRD-Delivery-Attempt": str(attempt)}
+    try:
+        response = httpx.post(url, content=body, headers=headers, timeout=POST_TIMEOUT)
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if 200 <= response.status_code < 300:
+        return None
+    return f"answered HTTP {response.status_code}"
 
 
-def send_callback(url: str, payload: dict[str, Any], settings: Settings) -> threading.Thread:
-    """Deliver one callback in a daemon thread (retries included)."""
-    thread = threading.Thread(target=deliver, args=(url, payload, callback_secret(settings)),
-                              name=f"callback-{payload.get('id')}", daemon=True)
-    thread.start()
-    return thread
-
-
-def notify_job_end(job_id: str, engine: Engine, settings: Settings | None = None, background: bool = True
-                   ) -> threading.Thread | None:
-    """Send the ended job's callback, if its spec asks for one; in a daemon thread unless told otherwise."""
+def _payload(session: Any, job_id: str) -> bytes:
     from service.schemas import JobPublic
 
+    job = session.get(Job, job_id)
+    return JobPublic.from_job(job).model_dump_json().encode()
+
+
+def deliver_due(engine: Engine, settings: Settings | None = None, *, now: datetime | None = None,
+                limit: int = 50) -> list[str]:
+    """Send every callback that is due and not leased by another sender; returns the job ids delivered."""
     s = settings or get_settings()
+    now = now or utcnow()
+    free = or_(CallbackDelivery.lease_until.is_(None), CallbackDelivery.lease_until < now)
     with session_scope(engine) as session:
-        job = session.get(Job, job_id)
-        if job is None or not job.spec.get("callback_url"):
-            return None
-        url = str(job.spec["callback_url"])
-        payload = json.loads(JobPublic.from_job(job).model_dump_json())
-    if not background:
-        deliver(url, payload, callback_secret(s))
-        return None
-    return send_callback(url, payload, s)
+        due = list(session.scalars(
+            select(CallbackDelivery.id)
+            .where(CallbackDelivery.state == "pending", CallbackDelivery.next_attempt_at <= now, free)
+            .order_by(CallbackDelivery.next_attempt_at).limit(limit)))
+    delivered: list[str] = []
+    secret = callback_secret(s) if due else b""
+    for row_id in due:
+        with session_scope(engine) as session:
+            taken = session.execute(
+                update(CallbackDelivery)
+                .where(CallbackDelivery.id == row_id, CallbackDelivery.state == "pending", free)
+                .values(lease_until=now + LEASE, attempts=CallbackDelivery.attempts + 1)
+                .returning(CallbackDelivery.job_id, CallbackDelivery.url, CallbackDelivery.attempts)
+            ).first()
+            if taken is None:
+                continue  # another sender took it first
+            job_id, url, attempt = taken
+            body = _payload(session, job_id)
+        error = post_once(url, body, secret, delivery_id=f"{job_id}-{row_id}", attempt=attempt)
+        ended = utcnow()
+        values: dict[str, Any] = {"lease_until": None, "last_error": error}
+        if error is None:
+            values.update(state="delivered", delivered_at=ended)
+            delivered.append(job_id)
+        elif attempt >= MAX_ATTEMPTS:
+            values["state"] = "failed"
+            log.error("callback for job %s to %s failed for good after %d attempts: %s", job_id, url, attempt, error)
+        else:
+            values["next_attempt_at"] = ended + timedelta(seconds=BACKOFF[attempt - 1])
+            log.warning("callback for job %s to %s: %s (attempt %d of %d)", job_id, url, error, attempt, MAX_ATTEMPTS)
+        with session_scope(engine) as session:
+            session.execute(update(CallbackDelivery).where(CallbackDelivery.id == row_id).values(**values))
+    return delivered
+
+
+class _Sender:
+    """At most one sending thread per database in this process; a kick while it runs makes it go again."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.threads: dict[str, threading.Thread] = {}
+        self.again: set[str] = set()
+
+    def kick(self, engine: Engine, settings: Settings) -> threading.Thread:
+        key = engine.url.render_as_string(hide_password=False)
+        with self.lock:
+            running = self.threads.get(key)
+            if running is not None and running.is_alive():
+                self.again.add(key)
+                return running
+            thread = threading.Thread(target=self._loop, args=(key, engine, settings), name="itrd-callbacks",
+                                      daemon=True)
+            self.threads[key] = thread
+            thread.start()
+            return thread
+
+    def _loop(self, key: str, engine: Engine, settings: Settings) -> None:
+        while True:
+            try:
+                deliver_due(engine, settings)
+            except Exception as exc:  # database down: the reaper's next round kicks again
+                log.warning("callback sender failed: %s", exc)
+            with self.lock:
+                if key not in self.again:
+                    self.threads.pop(key, None)
+                    return
+                self.again.discard(key)
+
+
+_sender = _Sender()
+
+
+def kick(engine: Engine, settings: Settings | None = None) -> threading.Thread:
+    """Send due callbacks now, in this process's sender thread (started if none is running)."""
+    return _sender.kick(engine, settings or get_settings())

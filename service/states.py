@@ -19,7 +19,7 @@ from sqlalchemy import String, cast, func, literal, select, update
 from sqlalchemy.orm import Session
 
 from service.config import get_settings
-from service.models import Job, JobEvent, JobStatus, UTCDateTime, new_id, utcnow
+from service.models import CallbackDelivery, Job, JobEvent, JobStatus, UTCDateTime, new_id, utcnow
 
 S = JobStatus
 ALLOWED: Mapping[JobStatus, frozenset[JobStatus]] = {
@@ -109,10 +109,19 @@ def _record(
     reason: str | None,
     now: datetime,
 ) -> None:
+    job_ids = list(job_ids)
     session.add_all(
         JobEvent(job_id=job_id, from_status=from_status, to_status=to_status, reason=reason, at=now)
         for job_id in job_ids
     )
+    if to_status in TERMINAL and job_ids:
+        # The callback is owed from the moment the job ends: it commits (or not) with the end itself.
+        specs = session.execute(select(Job.id, Job.spec).where(Job.id.in_(job_ids))).all()
+        session.add_all(
+            CallbackDelivery(job_id=job_id, url=str(spec["callback_url"]), next_attempt_at=now, created_at=now)
+            for job_id, spec in specs
+            if spec.get("callback_url")
+        )
 
 
 def _lease_end(now: datetime, lease_seconds: float | None) -> datetime:

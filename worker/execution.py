@@ -29,7 +29,7 @@ from service.db import get_engine, session_scope
 from service.dispatch import dispatch
 from service.jobs import teacher_weights_location
 from service.models import Artifact, Job, JobStatus, record_artifact, record_metrics
-from service.notify import notify_job_end
+from service.notify import kick
 from service.states import InvalidTransition, LeaseLost, Progress, claim, finish, heartbeat, release
 from service.storage import ArtifactStore, store_from_settings
 from worker import runner
@@ -212,7 +212,7 @@ def execute_job(job_id: str, settings: Settings | None = None, worker_id: str | 
     except Exception as exc:
         with session_scope(engine) as session:
             finish(session, job_id, worker_id, JobStatus.failed, f"could not prepare the run: {exc}")
-        notify_job_end(job_id, engine, s)
+        kick(engine, s)
         return "failed"
     outcome = run.supervise(spec, teacher, resume)
     try:
@@ -222,8 +222,7 @@ def execute_job(job_id: str, settings: Settings | None = None, worker_id: str | 
         return "lease-lost"
     if queued:
         dispatch(queued, engine, s)
-    if outcome.get("status") != "stopped" or outcome.get("reason") == "cancelled":
-        notify_job_end(job_id, engine, s)
+    kick(engine, s)  # callbacks of the jobs this end settled (none when the job was only handed back)
     return str(outcome.get("status"))
 
 

@@ -27,7 +27,8 @@ from service.db import (
 from service.models import Base
 
 REPO = MIGRATIONS_DIR.parent
-TABLES = {"jobs", "job_events", "metrics", "artifacts", "teacher_uploads", "api_keys", "idempotency_keys"}
+TABLES = {"jobs", "job_events", "metrics", "artifacts", "teacher_uploads", "api_keys", "idempotency_keys",
+          "callback_deliveries"}
 
 
 def test_upgrade_and_downgrade(empty_url: str) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 
 import pytest
+from hook_support import Receiver, verify
 from safetensors.torch import load_file
 from sqlalchemy import select
 from stack_support import Stack, ended, spec
@@ -15,6 +17,7 @@ from itrd.models import create_model
 from service.config import get_settings
 from service.db import session_scope
 from service.models import Artifact, Job, JobEvent, JobStatus, Metric
+from service.notify import callback_secret
 from service.states import request_cancel
 from service.storage import store_from_settings
 
@@ -57,15 +60,23 @@ def test_cancel_a_running_job(stack: Stack) -> None:
 
 
 def test_a_spec_that_fails_at_start_fails_once_with_its_reason(stack: Stack) -> None:
-    stack.start_worker()
-    bad = spec(1, kind="train", model="resnet8")
-    bad["dataset"] = {"name": "cifar10", "root": "/nonexistent/cifar"}
-    job = stack.submit("train", bad)
-    done = stack.wait(job, ended, timeout=120)
-    assert done.status == JobStatus.failed and done.attempt == 1
-    assert "FileNotFoundError" in (done.failure_reason or "") and "cifar" in (done.failure_reason or "")
-    time.sleep(3)  # the reaper runs every second: a failed job must stay failed
-    assert stack.job(job).status == JobStatus.failed
+    receiver = Receiver()
+    try:
+        stack.start_worker()
+        bad = spec(1, kind="train", model="resnet8", callback_url=receiver.url)
+        bad["dataset"] = {"name": "cifar10", "root": "/nonexistent/cifar"}
+        job = stack.submit("train", bad)
+        done = stack.wait(job, ended, timeout=120)
+        assert done.status == JobStatus.failed and done.attempt == 1
+        assert "FileNotFoundError" in (done.failure_reason or "") and "cifar" in (done.failure_reason or "")
+        time.sleep(3)  # the reaper runs every second: a failed job must stay failed
+        assert stack.job(job).status == JobStatus.failed
+        # The worker process that ended the job sent its callback, once.
+        [(headers, body)] = receiver.requests
+        assert json.loads(body)["id"] == job and json.loads(body)["status"] == "failed"
+        assert verify(callback_secret(get_settings()), headers, body)
+    finally:
+        receiver.server.shutdown()
 
 
 def test_killed_worker_job_resumes_from_its_checkpoint_on_another(stack: Stack) -> None:

@@ -19,7 +19,7 @@ from service.api.deps import (
 from service.api.problems import problem_responses
 from service.idempotency import create_once
 from service.models import JobStatus
-from service.notify import send_callback
+from service.notify import kick
 from service.schemas import JobPublic, JobsPublic
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=problem_responses(401))
@@ -77,8 +77,8 @@ def cancel_job(job_id: str, session: SessionDep, settings: SettingsDep, owner: C
     """Cancel a job: queued or waiting ones end now, running ones stop at their next step."""
     job = jobs.cancel(session, job_id, owner)
     public = JobPublic.from_job(job, jobs.queue_position(session, job))
-    if job.status == JobStatus.cancelled and job.spec.get("callback_url"):
-        # Ended here, not by a worker: this is the one place that can tell the callback.
+    if job.status == JobStatus.cancelled:
+        # Ended here, not by a worker: its callback (and those of dependants it ended) is owed now.
         session.commit()
-        send_callback(str(job.spec["callback_url"]), public.model_dump(mode="json"), settings)
+        kick(session.get_bind(), settings)  # type: ignore[arg-type]
     return public
