@@ -273,6 +273,27 @@ def test_events_stream_metrics_progress_and_states_until_the_end(client: Client,
     assert resumed[-1].event == "state" and resumed[-1].data["status"] == "succeeded"
 
 
+def test_an_epoch_recorded_again_after_a_resume_is_streamed_again(client: Client, server: LiveServer) -> None:
+    job_id = server.add_job(epoch=2, step=0, fraction=0.5)
+    server.add_metrics(job_id, 1, test_top1=30.0)
+    server.add_metrics(job_id, 2, test_top1=45.0)
+
+    def resumed_worker() -> None:
+        # The job resumed from epoch 1's checkpoint: epoch 2 is trained again and replaces its record.
+        server.add_metrics(job_id, 2, test_top1=47.0)
+        time.sleep(1.0)
+        server.add_metrics(job_id, 3, test_top1=60.0)
+        server.update_job(job_id, status=JobStatus.succeeded, finished_at=utcnow(), lease_owner=None,
+                          lease_expires_at=None)
+
+    later(1.5, resumed_worker)
+    events = list(client.events(job_id))
+    metrics = [(e.data["epoch"], e.data["test_top1"]) for e in events if e.event == "metrics"]
+    assert metrics == [(1, 30.0), (2, 45.0), (2, 47.0), (3, 60.0)]
+    latest = {epoch: top1 for epoch, top1 in metrics}  # what a client keeps: the last event per epoch
+    assert latest == {1: 30.0, 2: 47.0, 3: 60.0}
+
+
 def test_events_of_a_missing_job_are_a_404_problem(client: Client) -> None:
     with pytest.raises(ApiError) as missing:
         list(client.events("0" * 32))

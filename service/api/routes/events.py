@@ -2,7 +2,9 @@
 
 The stream polls the database (the record of truth) about twice a second; no broker or pub/sub is
 involved, so it works the same in embedded and distributed deployments. Metrics events carry the
-epoch as their id, so a client that reconnects with Last-Event-ID gets only the epochs it missed.
+epoch as their id, so a client that reconnects with Last-Event-ID gets only the epochs it missed. An
+epoch recorded again (a job resumed from a checkpoint older than its last recorded epoch redoes it)
+is sent again with its new values: a client keeps the latest metrics event of each epoch.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Annotated, Any
 
 import anyio
@@ -52,7 +55,9 @@ class _Seen:
 
     status: str | None = None
     progress: dict[str, Any] | None = None
-    epoch: int = 0
+    epoch: int = 0  # every epoch up to here was sent (or skipped through Last-Event-ID)
+    recorded: dict[int, datetime] = field(default_factory=dict)  # when each sent epoch's row was written
+    since: datetime | None = None  # the newest recorded_at sent
     pending: list[str] = field(default_factory=list)
 
 
@@ -66,12 +71,18 @@ def _poll(database_url: str, job_id: str, owner: str | None, seen: _Seen) -> boo
     with Session(get_engine(database_url), expire_on_commit=False) as session:
         job = jobs.get_job(session, job_id, owner)
         public = JobPublic.from_job(job, jobs.queue_position(session, job))
-        rows = list(session.scalars(select(Metric).where(Metric.job_id == job_id, Metric.epoch > seen.epoch)
-                                    .order_by(Metric.epoch)))
+        wanted = Metric.epoch > seen.epoch
+        if seen.since is not None:
+            wanted = wanted | (Metric.recorded_at >= seen.since)  # an epoch written again since
+        rows = [r for r in session.scalars(select(Metric).where(Metric.job_id == job_id, wanted)
+                                           .order_by(Metric.epoch))
+                if seen.recorded.get(r.epoch) != r.recorded_at]
     updates = [sse("metrics", {"epoch": r.epoch, **{k: v for k, v in r.values.items() if k != "epoch"}}, str(r.epoch))
                for r in rows]
-    if rows:
-        seen.epoch = rows[-1].epoch
+    for r in rows:
+        seen.recorded[r.epoch] = r.recorded_at
+        seen.epoch = max(seen.epoch, r.epoch)
+        seen.since = r.recorded_at if seen.since is None else max(seen.since, r.recorded_at)
     ended = public.status in TERMINAL
     state = [sse("state", public.model_dump(mode="json"))] if public.status != seen.status else []
     seen.status = public.status
