@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from itrd.engine.weights import WeightsError, load_weights_strict, read_state_dict
+from itrd.engine.weights import WeightsError, fit_state_dict, read_state_dict
 from itrd.models import create_model, model_names
 from service.config import Settings
 from service.idempotency import IdempotencyClaim
@@ -91,7 +91,7 @@ def store_teacher(
         head = _copy_limited(source, raw, settings.upload_max_bytes)
         raw = raw.rename(raw.with_suffix(".safetensors" if _is_safetensors(head) else ".pt"))
         state = _read_upload(raw)
-        load_weights_strict(create_model(architecture, num_classes), state, architecture, "uploaded")
+        state = fit_state_dict(create_model(architecture, num_classes), state, architecture, "uploaded")
         converted = Path(folder) / UPLOAD_WEIGHTS
         # Clones: tensors that share storage (tied weights, views) cannot be saved as safetensors.
         save_file({k: v.detach().cpu().clone().contiguous() for k, v in state.items()}, str(converted),

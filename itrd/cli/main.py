@@ -1,4 +1,4 @@
-"""Entry point: the `itrd` command group and its local commands (train, eval, models, presets, spec)."""
+"""Entry point: the `itrd` command group and its local commands (train, eval, convert, models, presets, spec)."""
 
 from __future__ import annotations
 
@@ -101,6 +101,40 @@ def models(as_json: bool) -> None:
         return
     for n in names:
         click.echo(f"{n:28s} {model_family(n)}")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--arch", required=True, help="The checkpoint's architecture, e.g. resnet32x4 (see `itrd models`).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The .safetensors file to write, in itrd's layout.")
+def convert(checkpoint: Path, arch: str, out_file: Path) -> None:
+    """Convert a RepDistiller (CRD) checkpoint, e.g. ckpt_epoch_240.pth, to itrd's layout as safetensors.
+
+    Teacher specs and uploads accept RepDistiller files as they are; a converted file is for sharing
+    the weights without the pickle format, or for other tools that expect itrd's key names.
+    """
+    from safetensors.torch import save
+
+    from itrd.engine.checkpoint import write_atomic
+    from itrd.engine.weights import WeightsError, read_state_dict
+    from itrd.models.convert import from_repdistiller
+
+    if out_file.suffix != ".safetensors":
+        _fail(f"--out must name a .safetensors file (itrd reads weights by their suffix), got {out_file.name}")
+        return
+    try:
+        state = from_repdistiller(read_state_dict(checkpoint), arch)
+    except WeightsError as exc:
+        _fail(f"{checkpoint}: {exc}")
+        return
+    num_classes = int(state["classifier.weight"].shape[0])
+    # Clones: tensors that share storage cannot be saved as safetensors.
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_file, save(tensors, metadata={"architecture": arch, "num_classes": str(num_classes),
+                                                   "converted_from": "RepDistiller"}))
+    click.echo(f"wrote {out_file}: {arch}, {num_classes} classes, {len(tensors)} tensors")
 
 
 @cli.command()

@@ -44,9 +44,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_weights_strict(model: nn.Module, state: dict[str, torch.Tensor], architecture: str, source: str) -> None:
-    """Load `state` into `model` with strict key and shape matching; a mismatch names both sides."""
-    own = model.state_dict()
+def _misfit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps `state` from loading strictly into a model whose state dict is `own`; empty if it fits."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong_shape = [
@@ -54,16 +53,46 @@ def load_weights_strict(model: nn.Module, state: dict[str, torch.Tensor], archit
         for k in own
         if k in state and state[k].shape != own[k].shape
     ]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s) e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s) e.g. {unexpected[:3]}")
-        if wrong_shape:
-            parts.append(f"{len(wrong_shape)} shape mismatch(es) e.g. {wrong_shape[:2]}")
-        raise WeightsError(f"weights {source} do not fit architecture {architecture!r}: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s) e.g. {missing[:3]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) e.g. {unexpected[:3]}")
+    if wrong_shape:
+        parts.append(f"{len(wrong_shape)} shape mismatch(es) e.g. {wrong_shape[:2]}")
+    return parts
+
+
+def fit_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], architecture: str, source: str
+) -> dict[str, torch.Tensor]:
+    """`state` in `model`'s own key layout, checked key for key and shape for shape.
+
+    A checkpoint saved by RepDistiller (the CRD authors' released teachers) is renamed to our layout:
+    the mapping is exact, so it happens silently. Anything else that does not fit raises WeightsError
+    naming both sides.
+    """
+    own = model.state_dict()
+    problems = _misfit(own, state)
+    if problems:
+        # Imported here: itrd.models.convert imports this module for WeightsError.
+        from itrd.models.convert import from_repdistiller, looks_like_repdistiller
+
+        if looks_like_repdistiller(state, architecture):
+            state = from_repdistiller(state, architecture)
+            source = f"{source} (converted from RepDistiller's layout)"
+            problems = _misfit(own, state)
+    if problems:
+        raise WeightsError(f"weights {source} do not fit architecture {architecture!r}: " + "; ".join(problems))
+    return state
+
+
+def load_weights_strict(model: nn.Module, state: dict[str, torch.Tensor], architecture: str, source: str) -> None:
+    """Load `state` into `model` with strict key and shape matching; a mismatch names both sides.
+
+    RepDistiller checkpoints of `architecture` load too (see `fit_state_dict`).
+    """
+    model.load_state_dict(fit_state_dict(model, state, architecture, source), strict=True)
 
 
 def freeze_teacher(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = False) -> nn.Module:

@@ -86,6 +86,19 @@ def test_a_good_upload_is_stored_as_safetensors(client: TestClient, settings: Se
     assert job.status_code == 201 and job.json()["status"] == "queued"
 
 
+def test_a_repdistiller_teacher_upload_is_stored_in_our_layout(client: TestClient, settings: Settings) -> None:
+    from itrd.models.convert import repdistiller_keys
+
+    state = create_model("resnet8", 10).state_dict()
+    names = repdistiller_keys("resnet8")
+    theirs = {names[k]: v for k, v in state.items()}  # the tensors under RepDistiller's key names
+    answer = upload(client, torch_bytes({"epoch": 240, "model": theirs, "accuracy": torch.tensor(90.0)}))
+    assert answer.status_code == 201, answer.text
+    stored = Path(settings.artifact_store.removeprefix("file://")) / f"upload-{answer.json()['id']}"
+    loaded = load_file(stored / "weights.safetensors")
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
 def test_bad_uploads_say_why_and_store_nothing(client: TestClient, settings: Settings, db: Session) -> None:
     other = torch_bytes(create_model("resnet14", 10).state_dict())
     assert "do not fit architecture 'resnet8'" in assert_problem(upload(client, other), 422, "bad-weights")["detail"]
