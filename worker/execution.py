@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 # Set by the worker's shutdown hook (SIGTERM, a deploy): running trainers checkpoint and hand back.
 SHUTTING_DOWN = threading.Event()
+CURRENT_JOB = threading.Event()  # set while this process runs a job
 
 
 def worker_identity() -> str:
@@ -193,6 +194,17 @@ class JobRun:
 
 def execute_job(job_id: str, settings: Settings | None = None, worker_id: str | None = None) -> str:
     """Claim and run one job to its end; a job someone else holds (or that ended) is a no-op."""
+    job_token, request_token = logs.job_id.set(None), logs.request_id.set(None)
+    try:
+        return _execute(job_id, settings, worker_id)
+    finally:
+        # The worker outlives the job: what it logs next must not carry this job's ids.
+        logs.job_id.reset(job_token)
+        logs.request_id.reset(request_token)
+        CURRENT_JOB.clear()
+
+
+def _execute(job_id: str, settings: Settings | None, worker_id: str | None) -> str:
     s = settings or get_settings()
     engine = get_engine(s.database_url)
     worker_id = worker_id or worker_identity()
@@ -205,6 +217,7 @@ def execute_job(job_id: str, settings: Settings | None = None, worker_id: str | 
     # Everything this worker logs about the job carries its id and the id of the request that made it.
     logs.job_id.set(job_id)
     logs.request_id.set(job.request_id)
+    CURRENT_JOB.set()
     log.info("job %s: claimed (attempt %d)", job_id, job.attempt)
     run = JobRun(job_id, worker_id, s, engine, store_from_settings(s))
     try:

@@ -9,7 +9,7 @@ from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from service.dispatch import Reaper
 from worker.celery_app import RUN_JOB, app
-from worker.execution import SHUTTING_DOWN, execute_job
+from worker.execution import CURRENT_JOB, SHUTTING_DOWN, execute_job
 
 log = logging.getLogger(__name__)
 _reaper: Reaper | None = None
@@ -32,7 +32,10 @@ def _start_reaper(**_: Any) -> None:
 @worker_shutting_down.connect
 def _shutting_down(**_: Any) -> None:
     # A warm shutdown (SIGTERM): the running trainer checkpoints and its job goes back to the queue.
-    log.warning("worker shutting down: asking the running trainer to checkpoint and hand its job back")
+    if CURRENT_JOB.is_set():
+        log.warning("worker shutting down: asking the running trainer to checkpoint and hand its job back")
+    else:
+        log.info("worker shutting down: no job running")
     SHUTTING_DOWN.set()
 
 
