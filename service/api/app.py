@@ -15,7 +15,7 @@ from service.config import Settings, get_settings
 from service.db import get_engine
 from service.dispatch import Reaper
 from service.logs import clean_request_id, request_id
-from service.ratelimit import SlidingWindowLimiter
+from service.ratelimit import limiter_for
 from service.storage import store_from_settings
 
 API_PREFIX = "/v1"
@@ -62,7 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.store = store_from_settings(settings)
-    app.state.submit_limiter = SlidingWindowLimiter(settings.submit_rate_per_minute)
+    app.state.submit_limiter = limiter_for(settings.broker_url, settings.submit_rate_per_minute)
     install_problem_handlers(app)
     document_problems(app)
     for router in (jobs.router, events.router, artifacts.router, teachers.router, catalog.router):

@@ -16,7 +16,7 @@ from service.db import get_engine
 from service.idempotency import IdempotencyClaim, check_key, request_hash
 from service.jobs import Rejected
 from service.models import ApiKey
-from service.ratelimit import SlidingWindowLimiter
+from service.ratelimit import Limiter
 from service.storage import ArtifactStore
 
 
@@ -76,7 +76,7 @@ CurrentOwner = Annotated[str, Depends(current_owner)]
 
 def limit_submissions(request: Request, key: CurrentKey) -> None:
     """Count a submission against the key's rate; 429 with Retry-After past the limit."""
-    limiter: SlidingWindowLimiter = request.app.state.submit_limiter
+    limiter: Limiter = request.app.state.submit_limiter
     wait = limiter.hit(key.id)
     if wait is not None:
         raise Problem(429, f"this key made {limiter.limit} submissions in the last minute, the most allowed "

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from api_support import (
     OWNER,
     TRAIN_SPEC,
@@ -23,12 +26,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+from service.api.app import create_app
 from service.config import Settings, get_settings
 from service.db import get_engine, migrate_to_head
 from service.keys import authenticate, create_key, hash_key, revoke_key
 from service.keys_cli import keys
 from service.models import ApiKey, Job, JobStatus, TeacherUpload, new_id, record_artifact, utcnow
-from service.ratelimit import SlidingWindowLimiter
+from service.ratelimit import RedisWindowLimiter, SlidingWindowLimiter
 from service.storage import store_from_settings
 
 PROTECTED = [("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", f"/v1/jobs/{'0' * 32}"),
@@ -157,6 +161,35 @@ def test_the_window_slides() -> None:
     assert limiter.hit("k") == 30 and limiter.hit("other") is None
     now[0] += 30  # the first hit leaves the window
     assert limiter.hit("k") is None and limiter.hit("k") == 30
+
+
+def test_api_replicas_share_one_limit_through_redis(settings: Settings) -> None:
+    # Two app instances are two API replicas; with a Redis broker they count in one window.
+    broker = f"redis://127.0.0.1:6379/{secrets.randbelow(14) + 1}"
+    shared = settings.model_copy(update={"broker_url": broker})
+    headers = bearer(make_key(settings.database_url, OWNER))
+    try:
+        with TestClient(create_app(shared), headers=headers) as a, TestClient(create_app(shared), headers=headers) as b:
+            assert [c.post("/v1/jobs", json=TRAIN_SPEC).status_code for c in (a, b, a)] == [201, 201, 201]
+            assert_problem(b.post("/v1/jobs", json=TRAIN_SPEC), 429, "rate-limited")
+            assert_problem(a.post("/v1/jobs", json=TRAIN_SPEC), 429, "rate-limited")
+            assert a.get("/v1/jobs").json()["total"] == 3
+    finally:
+        redis.Redis.from_url(broker).flushdb()
+
+
+def test_the_redis_window_slides_on_redis_time() -> None:
+    limiter = RedisWindowLimiter("redis://127.0.0.1:6379/15", 2, window=1.0, prefix=f"test:{secrets.token_hex(4)}:")
+    assert limiter.hit("k") is None and limiter.hit("k") is None
+    assert limiter.hit("k") == 1 and limiter.hit("other") is None
+    time.sleep(1.1)  # both hits leave the window
+    assert limiter.hit("k") is None
+
+
+def test_with_redis_unreachable_the_process_counts_alone() -> None:
+    limiter = RedisWindowLimiter("redis://127.0.0.1:1/0", 2, timeout=0.2)
+    assert limiter.hit("k") is None and limiter.hit("k") is None  # submits go on: they need the database
+    assert limiter.hit("k") is not None  # and are still limited, per process
 
 
 def test_keys_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
