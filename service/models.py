@@ -27,7 +27,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 
 def utcnow() -> datetime:
@@ -167,6 +167,9 @@ class Job(Base):
     queued_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+    # The job-end callback's delivery (see service.notify); read only when a job is shown.
+    callback_delivery: Mapped[CallbackDelivery | None] = relationship(viewonly=True, lazy="select")
 
 
 class JobEvent(Base):

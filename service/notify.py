@@ -80,7 +80,8 @@ def _payload(session: Any, job_id: str) -> bytes:
     from service.schemas import JobPublic
 
     job = session.get(Job, job_id)
-    return JobPublic.from_job(job).model_dump_json().encode()
+    # The receiver gets the job as it ended, not how its own delivery is going.
+    return JobPublic.from_job(job).model_dump_json(exclude={"callback"}).encode()
 
 
 def deliver_due(engine: Engine, settings: Settings | None = None, *, now: datetime | None = None,

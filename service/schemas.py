@@ -20,6 +20,16 @@ class Progress(BaseModel):
     fraction: float
 
 
+class CallbackPublic(BaseModel):
+    """Where the delivery of a job's end callback stands."""
+
+    state: str = Field(description="pending (being sent or waiting to retry), delivered, or failed (gave up)")
+    attempts: int
+    last_error: str | None = Field(description="what the last failed attempt got; null once delivered")
+    next_attempt_at: datetime | None = Field(description="when a pending delivery is tried next")
+    delivered_at: datetime | None
+
+
 class JobPublic(BaseModel):
     """A job as the API shows it."""
 
@@ -44,6 +54,8 @@ class JobPublic(BaseModel):
     dispatched_at: datetime | None = Field(description="when the broker took the job; null: not sent yet")
     started_at: datetime | None
     finished_at: datetime | None
+    callback: CallbackPublic | None = Field(
+        None, description="the delivery of the job-end callback; null until the job ends, or without callback_url")
 
     @classmethod
     def from_job(cls, job: Job, queue_position: int | None = None) -> JobPublic:
@@ -57,7 +69,17 @@ class JobPublic(BaseModel):
             failure_reason=job.failure_reason, result=job.result, teacher_job_id=job.teacher_job_id,
             teacher_upload_id=job.teacher_upload_id, created_at=job.created_at, queued_at=job.queued_at,
             dispatched_at=job.dispatched_at, started_at=job.started_at, finished_at=job.finished_at,
+            callback=_callback(job),
         )
+
+
+def _callback(job: Job) -> CallbackPublic | None:
+    row = job.callback_delivery
+    if row is None:
+        return None
+    return CallbackPublic(state=row.state, attempts=row.attempts, last_error=row.last_error,
+                          next_attempt_at=row.next_attempt_at if row.state == "pending" else None,
+                          delivered_at=row.delivered_at)
 
 
 class JobsPublic(BaseModel):
