@@ -150,6 +150,10 @@ def describe(job: JobPublic) -> str:
     if job.failure_reason:
         lines.append(f"reason   {job.failure_reason}")
     lines.append(f"attempt  {job.attempt}/{job.max_attempts}")
+    if job.callback is not None:
+        cb = job.callback
+        note = f", last error: {cb.last_error}" if cb.last_error else ""
+        lines.append(f"callback {cb.state} after {cb.attempts} attempt(s){note}")
     return "\n".join(lines)
 
 

@@ -74,6 +74,18 @@ def test_submit_jobs_status_and_cancel(itrd: Any, spec_file: Path) -> None:
     assert again.exit_code == EXIT_USAGE and "already" in again.stderr
 
 
+def test_status_shows_how_the_callback_delivery_stands(itrd: Any, tmp_path: Path) -> None:
+    spec = tmp_path / "hook.yaml"
+    spec.write_text(yaml.safe_dump({**TRAIN_SPEC, "callback_url": "http://127.0.0.1:9/nobody-listens"}))
+    job = json.loads(itrd("submit", str(spec), "--json").stdout)
+    assert "callback" not in itrd("status", job["id"]).stdout
+    assert itrd("cancel", job["id"]).exit_code == 0
+    deadline = time.monotonic() + 15
+    while "callback pending after 1 attempt(s), last error: ConnectError" not in itrd("status", job["id"]).stdout:
+        assert time.monotonic() < deadline, itrd("status", job["id"]).stdout
+        time.sleep(0.1)
+
+
 def test_exit_codes(itrd: Any, spec_file: Path, tmp_path: Path) -> None:
     assert itrd("status", "0" * 32).exit_code == EXIT_NOT_FOUND
     assert itrd("status", "0" * 32, env={"ITRD_API_KEY": "itrd_000000000000_nope"}).exit_code == EXIT_AUTH
