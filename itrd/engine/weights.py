@@ -53,6 +53,11 @@ def _misfit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> lis
         for k in own
         if k in state and state[k].shape != own[k].shape
     ]
+    return misfit_report(missing, unexpected, wrong_shape)
+
+
+def misfit_report(missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> list[str]:
+    """The parts of a does-not-fit message: counts and the first few keys of each kind of problem."""
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing key(s) e.g. {missing[:3]}")

@@ -17,7 +17,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from itrd.engine.weights import WeightsError
+from itrd.engine.weights import WeightsError, misfit_report
 
 from .registry import create_model
 from .vgg import _POOLED_STAGES, _STAGES
@@ -189,7 +189,8 @@ def from_repdistiller(state: Mapping[str, Tensor], architecture: str) -> dict[st
             f"{names['classifier.weight']!r}"
         )
     converted: dict[str, Tensor] = {}
-    missing, wrong_shape = [], []
+    missing: list[str] = []
+    wrong_shape: list[str] = []
     for ours, theirs, shape, dtype in _layout(architecture, num_classes):
         if theirs in state:
             tensor = state[theirs]
@@ -201,13 +202,7 @@ def from_repdistiller(state: Mapping[str, Tensor], architecture: str) -> dict[st
         else:
             missing.append(theirs)
     unexpected = sorted(set(state) - set(names.values()))
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s) e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s) e.g. {unexpected[:3]}")
-        if wrong_shape:
-            parts.append(f"{len(wrong_shape)} shape mismatch(es) e.g. {wrong_shape[:2]}")
-        raise WeightsError(f"not a RepDistiller checkpoint of {architecture!r}: " + "; ".join(parts))
+    problems = misfit_report(missing, unexpected, wrong_shape)
+    if problems:
+        raise WeightsError(f"not a RepDistiller checkpoint of {architecture!r}: " + "; ".join(problems))
     return converted
