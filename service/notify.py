@@ -49,10 +49,21 @@ def callback_secret(settings: Settings) -> bytes:
         return settings.secret_key.get_secret_value().encode()
     path = settings.state_dir / "callback_secret"
     if not path.exists():
+        # Written whole under a private name, then linked into place: of processes or threads making it
+        # at once, one wins and every one of them reads that same complete secret.
         settings.state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        draft = path.with_name(f".callback_secret.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
     return path.read_text().strip().encode()
 
 

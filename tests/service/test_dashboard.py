@@ -171,7 +171,7 @@ def chromium(*args: str, profile: Path) -> str:
     """Run headless chromium with a throwaway profile; returns its stdout."""
     assert CHROMIUM is not None
     command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-               f"--user-data-dir={profile}", "--virtual-time-budget=15000", *args]
+               f"--user-data-dir={profile}", "--virtual-time-budget=30000", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
 
 
@@ -184,8 +184,13 @@ def test_the_job_page_draws_a_real_jobs_curves_in_chromium(server: LiveServer, t
                            test_top1=top1, teacher_top1=70.0)
     server.add_artifact(job_id, "student.safetensors", b"weights")
     url = f"{server.url}/dashboard/jobs/{job_id}#key={server.api_key}"
-    dom = chromium("--dump-dom", url, profile=tmp_path / "profile")
-    assert 'data-loaded="done"' in dom
+    # A cold chromium on a busy 2-core machine can run out of its time budget before the page has
+    # followed the job to its end; the page must get there, so a slow first try is given two more.
+    for attempt in range(3):
+        dom = chromium("--dump-dom", url, profile=tmp_path / f"profile{attempt}")
+        if 'data-loaded="done"' in dom:
+            break
+    assert 'data-loaded="done"' in dom, dom[:3000]
     assert re.search(r'id="loss-chart"[^>]*data-points="9"', dom), dom[:3000]  # 3 terms x 3 epochs
     assert re.search(r'id="acc-chart"[^>]*data-points="5"', dom)  # 3 epochs + the teacher's line
     assert "student.safetensors" in dom and 'class="badge succeeded"' in dom

@@ -57,6 +57,24 @@ def wait_for(predicate: Any, seconds: float = 15.0) -> None:
         time.sleep(0.05)
 
 
+def test_senders_making_the_secret_at_once_all_get_the_same_one(tmp_path: Path) -> None:
+    settings = get_settings().model_copy(update={"state_dir": tmp_path / "fresh", "secret_key": None})
+    barrier = threading.Barrier(8)
+    found: list[bytes] = []
+
+    def make() -> None:
+        barrier.wait()
+        found.append(callback_secret(settings))
+
+    threads = [threading.Thread(target=make) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(found) == 8 and len(set(found)) == 1 and len(found[0]) == 64
+    assert [p.name for p in (tmp_path / "fresh").iterdir()] == ["callback_secret"]  # no drafts left
+
+
 def test_ending_a_job_owes_its_callback_in_the_same_transaction(engine: Engine) -> None:
     ended_job(engine, None)
     assert deliveries(engine) == []  # no URL, nothing owed
