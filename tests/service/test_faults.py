@@ -157,19 +157,19 @@ def _flip_a_byte(path: Path) -> None:
 
 def test_a_corrupt_checkpoint_at_resume_falls_back_to_the_previous_one(stack: Stack) -> None:
     first = stack.start_worker()
-    job = stack.submit("train", spec(6, kind="train", model="resnet8"))
+    job = stack.submit("train", spec(16, kind="train", model="resnet8"))  # still running at the kill
     store = _kill_after_checkpoints(stack, job, first)
     _flip_a_byte(store.path(job, "last.pt"))
     stack.start_worker()
     done = stack.wait(job, ended, timeout=300)
     assert done.status == JobStatus.succeeded, f"{done.status}: {done.failure_reason}\n{stack.tail_logs()}"
     assert done.attempt == 2 and done.result is not None and done.result["started_at_epoch"] >= 2
-    assert done.result["epochs"] == 6
+    assert done.result["epochs"] == 16
 
 
 def test_corrupt_checkpoints_at_resume_fail_the_job_clearly(stack: Stack) -> None:
     first = stack.start_worker()
-    job = stack.submit("train", spec(6, kind="train", model="resnet8"))
+    job = stack.submit("train", spec(16, kind="train", model="resnet8"))  # still running at the kill
     store = _kill_after_checkpoints(stack, job, first)
     for name in ("last.pt", "last.prev.pt"):
         _flip_a_byte(store.path(job, name))

@@ -26,8 +26,8 @@ pytestmark = pytest.mark.slow
 
 def test_teacher_then_dependent_student_both_succeed(stack: Stack) -> None:
     stack.start_worker()
-    # Four epochs: long enough that a poll sees the progress between 0 and 1 on a fast machine too.
-    teacher = stack.submit("train", spec(4, kind="train", model="resnet8"))
+    # Eight epochs: long enough that a poll sees the progress between 0 and 1 on a fast machine too.
+    teacher = stack.submit("train", spec(8, kind="train", model="resnet8"))
     student_spec = spec(2, model="resnet8", teacher={"architecture": "resnet8", "job": teacher})
     student = stack.submit("distill", student_spec, teacher_job=teacher)
     assert stack.job(student).status == JobStatus.waiting
