@@ -22,6 +22,8 @@ class TrainProgress(Callbacks):
         if "precision" in info:
             layout = ", channels_last" if info.get("channels_last") else ""
             parts.append(f"{info['precision']}{layout}")
+        if info.get("compile"):
+            parts.append("torch.compile: the first steps compile kernels (tens of seconds on a CPU)")
         if info.get("teacher_top1") is not None:
             parts.append(f"teacher top-1 {info['teacher_top1']:.2f}%")
         if info.get("resumed_from"):

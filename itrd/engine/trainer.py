@@ -281,7 +281,8 @@ class Trainer:
             p.teacher_top1 = self._evaluate(self.teacher)["top1"]
         steps_hint = len(self.data.train) // self.spec.optim.batch_size
         self.cb.on_start({"device": str(self.device), "precision": self.execution.precision,
-                          "channels_last": self.channels_last, "epochs": self.spec.optim.epochs,
+                          "channels_last": self.channels_last, "compile": self.spec.compile,
+                          "epochs": self.spec.optim.epochs,
                           "steps_per_epoch": steps_hint, "teacher_top1": p.teacher_top1,
                           "resumed_from": str(resumed_from) if resumed_from else None,
                           "start_epoch": p.epoch + 1})

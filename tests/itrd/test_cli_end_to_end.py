@@ -30,6 +30,8 @@ def test_teacher_then_itrd_student_through_the_cli(tmp_path: Path) -> None:
     teacher = json.loads((tmp_path / "teacher/summary.json").read_text())
     assert teacher["final_top1"] >= 90.0, teacher  # digits are easy: a real teacher is clearly good
     assert "epoch 5/5" in run.stderr  # the progress lines
+    # The start line says how `auto` resolved here, as summary.json records it.
+    assert f"device cpu, {teacher['precision']}, channels_last" in run.stdout + run.stderr
 
     student_spec = {"kind": "distill", "model": "resnet8", "dataset": {"name": "digits"},
                     "teacher": {"architecture": "resnet20", "path": str(tmp_path / "teacher/student.safetensors")},
