@@ -8,7 +8,7 @@ from typing import Any
 
 from itrd.data import load_dataset, make_loader
 from itrd.engine.evaluate import evaluate
-from itrd.engine.trainer import resolve_device
+from itrd.engine.hardware import resolve_device
 from itrd.engine.weights import load_weights_strict, read_state_dict
 from itrd.models import create_model
 

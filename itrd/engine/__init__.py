@@ -3,7 +3,8 @@
 from itrd.engine.callbacks import CallbackList, Callbacks, NonFiniteLoss, StopRequested
 from itrd.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from itrd.engine.evaluate import evaluate
-from itrd.engine.trainer import RunDirError, Trainer, resolve_device, train
+from itrd.engine.hardware import resolve_device
+from itrd.engine.trainer import RunDirError, Trainer, train
 from itrd.engine.weights import WeightsError, read_state_dict
 
 __all__ = [

@@ -61,3 +61,12 @@ def resolve_execution(precision: str, channels_last: bool | None, device: torch.
     if channels_last is None:
         channels_last = device.type == "cuda" or (device.type == "cpu" and torch.backends.mkldnn.is_available())
     return Execution(precision=precision, channels_last=channels_last)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present; asking for CUDA without one is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} was asked for but CUDA is not available here; use 'cpu' or 'auto'")
+    return torch.device(name)

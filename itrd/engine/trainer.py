@@ -13,7 +13,6 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,8 @@ from itrd.data import ImageSet, LoadedDataset, load_dataset, make_loader
 from itrd.engine.callbacks import Callbacks, NonFiniteLoss, StopRequested
 from itrd.engine.checkpoint import latest_valid_checkpoint, save_checkpoint, sha256_file
 from itrd.engine.evaluate import evaluate
-from itrd.engine.hardware import resolve_execution
+from itrd.engine.hardware import resolve_device, resolve_execution
+from itrd.engine.runstate import RunProgress, rng_state, set_rng_state
 from itrd.engine.weights import export_student, freeze_teacher, load_weights_strict, read_state_dict
 from itrd.losses import Batch, build_method
 from itrd.models import create_model
@@ -40,47 +40,11 @@ class RunDirError(RuntimeError):
     """The output directory holds a different run, or a run that must be resumed explicitly."""
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present; asking for CUDA without one is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for but CUDA is not available here; use 'cpu' or 'auto'")
-    return torch.device(name)
-
-
 def lr_at(spec: JobSpec, epoch: int) -> float:
     """The learning rate of 0-based `epoch`: the base rate decayed once per milestone already passed."""
     passed = sum(1 for m in spec.optim.lr_decay_epochs if epoch + 1 > m)
     assert spec.optim.lr is not None  # resolved by the spec validator
     return spec.optim.lr * spec.optim.lr_decay_rate**passed
-
-
-@dataclass
-class _Progress:
-    """Where a run stands; everything here goes into `last.pt`."""
-
-    epoch: int = 0  # 0-based epoch in progress
-    step: int = 0  # steps of that epoch already taken
-    accum: torch.Tensor | None = None  # float64 running sums of [total, terms..., correct, samples]
-    epoch_seconds: float = 0.0
-    best_top1: float = -1.0
-    teacher_top1: float | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _subset(data: LoadedDataset, n: int) -> LoadedDataset:
@@ -165,7 +129,7 @@ class Trainer:
             self.student_fn = torch.compile(self.student)  # type: ignore[assignment]
             if self.teacher is not None:
                 self.teacher_fn = torch.compile(self.teacher)  # type: ignore[assignment]
-        self.progress = _Progress()
+        self.progress = RunProgress()
         self.term_names: list[str] | None = None
         self.started_at_epoch = 1
 
@@ -186,7 +150,7 @@ class Trainer:
             "student": self.student.state_dict(),
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
         }
 
     def _restore(self, state: dict[str, Any], source: Path) -> None:
@@ -199,7 +163,7 @@ class Trainer:
         self.student.load_state_dict(state["student"])
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         p = self.progress
         p.epoch, p.step = int(state["epoch"]), int(state["step"])
         p.accum = state["accum"].to(self.device) if state["accum"] is not None else None
