@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.engine import Engine
 
 from service.config import Settings, get_settings
@@ -99,21 +99,28 @@ def deliver_due(engine: Engine, settings: Settings | None = None, *, now: dateti
                 limit: int = 50) -> list[str]:
     """Send every callback that is due and not leased by another sender; returns the job ids delivered."""
     s = settings or get_settings()
-    now = now or utcnow()
-    free = or_(CallbackDelivery.lease_until.is_(None), CallbackDelivery.lease_until < now)
+    # `now` fixes the clock (tests jump it forward); otherwise each lease is taken at the current time,
+    # so a long round with slow receivers never leases a row for less than LEASE.
+    clock = (lambda: now) if now is not None else utcnow
+
+    def free(at: datetime) -> ColumnElement[bool]:
+        return or_(CallbackDelivery.lease_until.is_(None), CallbackDelivery.lease_until < at)
+
+    start = clock()
     with session_scope(engine) as session:
         due = list(session.scalars(
             select(CallbackDelivery.id)
-            .where(CallbackDelivery.state == "pending", CallbackDelivery.next_attempt_at <= now, free)
+            .where(CallbackDelivery.state == "pending", CallbackDelivery.next_attempt_at <= start, free(start))
             .order_by(CallbackDelivery.next_attempt_at).limit(limit)))
     delivered: list[str] = []
     secret = callback_secret(s) if due else b""
     for row_id in due:
+        at = clock()
         with session_scope(engine) as session:
             taken = session.execute(
                 update(CallbackDelivery)
-                .where(CallbackDelivery.id == row_id, CallbackDelivery.state == "pending", free)
-                .values(lease_until=now + LEASE, attempts=CallbackDelivery.attempts + 1)
+                .where(CallbackDelivery.id == row_id, CallbackDelivery.state == "pending", free(at))
+                .values(lease_until=at + LEASE, attempts=CallbackDelivery.attempts + 1)
                 .returning(CallbackDelivery.job_id, CallbackDelivery.url, CallbackDelivery.attempts)
             ).first()
             if taken is None:
